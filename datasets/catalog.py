@@ -1,0 +1,53 @@
+"""The three released SCHP models: input size, labels, checkpoint file and where to download it.
+
+Everything dataset-specific reads from DATASETS; figures from the SCHP README.
+"""
+from dataclasses import dataclass
+from typing import Tuple
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    input_size: Tuple[int, int]  # (height, width) of the network input
+    labels: Tuple[str, ...]
+    checkpoint: str  # file name of the released checkpoint
+    drive_id: str  # Google Drive file id of that checkpoint
+    miou: str  # reported mIoU, for the README and --list-labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def url(self) -> str:
+        return f"https://drive.google.com/uc?id={self.drive_id}"
+
+
+DATASETS = {
+    "lip": DatasetSpec(
+        name="lip", input_size=(473, 473),
+        labels=("Background", "Hat", "Hair", "Glove", "Sunglasses", "Upper-clothes", "Dress", "Coat",
+                "Socks", "Pants", "Jumpsuits", "Scarf", "Skirt", "Face", "Left-arm", "Right-arm",
+                "Left-leg", "Right-leg", "Left-shoe", "Right-shoe"),
+        checkpoint="exp-schp-201908261155-lip.pth", drive_id="1k4dllHpu0bdx38J7H28rVVLpU-kOHmnH",
+        miou="59.36 (LIP val)"),
+    "atr": DatasetSpec(
+        name="atr", input_size=(512, 512),
+        labels=("Background", "Hat", "Hair", "Sunglasses", "Upper-clothes", "Skirt", "Pants", "Dress",
+                "Belt", "Left-shoe", "Right-shoe", "Face", "Left-leg", "Right-leg", "Left-arm",
+                "Right-arm", "Bag", "Scarf"),
+        checkpoint="exp-schp-201908301523-atr.pth", drive_id="1ruJg4lqR_jgQPj-9K0PP-L2vJERYOxLP",
+        miou="82.29 (ATR test)"),
+    "pascal": DatasetSpec(
+        name="pascal", input_size=(512, 512),
+        labels=("Background", "Head", "Torso", "Upper Arms", "Lower Arms", "Upper Legs", "Lower Legs"),
+        checkpoint="exp-schp-201908270938-pascal-person-part.pth",
+        drive_id="1E5YwNKW2VOEayK9mWCS3Kpsxf-3z04ZE", miou="71.46 (Pascal-Person-Part val)"),
+}
+
+
+def dataset_for_num_classes(num_classes: int) -> str:
+    """Name(s) of the dataset(s) whose model has this many classes, for error messages."""
+    names = [d.name for d in DATASETS.values() if d.num_classes == num_classes]
+    return " or ".join(names) if names else f"none of {sorted(DATASETS)}"

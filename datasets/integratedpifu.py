@@ -1,0 +1,70 @@
+"""The IntegratedPIFu data tree: which renders to parse and where their parse maps go (SPEC.md s. 6).
+
+<root>/{train,test}_set_list.txt name the subjects; renders are
+<root>/rendering_script/buffer_fixed_full_mesh/<subject>/rendered_image_<yaw>.png and the maps that
+IntegratedPIFu's loaders read are <root>/rendering_script/render_human_parse_results/<subject>/
+rendered_parse_<yaw>.npy.
+"""
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+RENDERS = Path("rendering_script") / "buffer_fixed_full_mesh"
+PARSE_RESULTS = Path("rendering_script") / "render_human_parse_results"
+LIST_FILES = {"train": "train_set_list.txt", "test": "test_set_list.txt"}
+RENDER_NAME = re.compile(r"^rendered_image_(?P<yaw>.+)\.png$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Render:
+    subject: str
+    yaw: str  # as in the file name, e.g. "000"
+    image: Path
+
+
+def read_subject_list(path: Path) -> List[str]:
+    """Subject ids, one per line, leading zeros kept; blank lines and a missing final newline are fine."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def find_subjects(root: Path, which: str = "all") -> Tuple[List[str], Optional[str]]:
+    """(subjects, note): ids from the list files selected by `which` (all, train, test).
+
+    With no list file at all, every subject folder under the render tree is taken, and `note` says so.
+    """
+    names = list(LIST_FILES.values()) if which == "all" else [LIST_FILES[which]]
+    lists = [root / n for n in names if (root / n).is_file()]
+    if not lists:
+        renders = root / RENDERS
+        subjects = sorted(p.name for p in renders.iterdir() if p.is_dir()) if renders.is_dir() else []
+        return subjects, f"no {' or '.join(names)} in {root}: taking every subject folder in {renders}"
+    subjects: List[str] = []
+    for path in lists:
+        subjects += [s for s in read_subject_list(path) if s not in subjects]
+    return subjects, None
+
+
+def find_renders(root: Path, subjects: List[str]) -> Tuple[List[Render], List[str]]:
+    """(renders, missing): the render images of each subject in order, and subjects without a folder."""
+    renders, missing = [], []
+    for subject in subjects:
+        folder = root / RENDERS / subject
+        if not folder.is_dir():
+            missing.append(subject)
+            continue
+        for image in sorted(folder.iterdir()):
+            match = RENDER_NAME.match(image.name)
+            if match:
+                renders.append(Render(subject, match.group("yaw"), image))
+    return renders, missing
+
+
+def parse_map_path(parse_root: Path, render: Render, suffix: str = "") -> Path:
+    """Where IntegratedPIFu reads the parse map of `render` (suffix e.g. "_logits" for other files)."""
+    return parse_root / render.subject / f"rendered_parse_{render.yaw}{suffix}.npy"
+
+
+def preview_path(render: Render) -> Path:
+    """The palette PNG written beside the render, for people to look at."""
+    return render.image.with_name(f"rendered_parse_{render.yaw}.png")

@@ -1,0 +1,264 @@
+"""CE2P human parser on a deep-stem ResNet-101, as released with Self-Correction for Human Parsing.
+
+Re-implemented from the published SCHP code (networks/AugmentCE2P.py) in plain PyTorch: the attribute
+names below are the checkpoint's keys (after the DataParallel `module.` prefix), so the released files
+load strictly. InPlace-ABN is replaced by its inference formula; no CUDA extension is needed.
+"""
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class InPlaceABN(nn.Module):
+    """Inference-time InPlace-ABN: batch norm with running statistics, then an optional leaky ReLU.
+
+    y = (x - running_mean) * rsqrt(running_var + eps) * (|weight| + eps) + bias, eps = 1e-5.
+    The `|weight| + eps` is what the InPlace-ABN library computes (it keeps scales positive so the
+    activation stays invertible); a plain BatchNorm port is wrong for every negative scale.
+    Holds exactly the four checkpoint tensors `weight, bias, running_mean, running_var`.
+
+    Shapes: N x C x H x W -> N x C x H x W.
+    """
+
+    def __init__(self, num_features: int, activation: str = "leaky_relu", slope: float = 0.01,
+                 eps: float = 1e-5):
+        super().__init__()
+        if activation not in ("leaky_relu", "identity"):
+            raise ValueError(f"unknown activation {activation!r}")
+        self.activation = activation
+        self.slope = slope
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def scale_shift(self):
+        """Per-channel (scale, shift) such that the normalisation is `x * scale + shift`."""
+        scale = torch.rsqrt(self.running_var + self.eps) * (self.weight.abs() + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "leaky_relu":
+            return F.leaky_relu(x, self.slope)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.rsqrt(self.running_var + self.eps) * (self.weight.abs() + self.eps)
+        x = (x - self.running_mean[:, None, None]) * scale[:, None, None] + self.bias[:, None, None]
+        return self.activate(x)
+
+
+class FoldedABN(nn.Module):
+    """What remains of an InPlace-ABN once its affine is folded into the preceding convolution."""
+
+    def __init__(self, activation: str, slope: float):
+        super().__init__()
+        self.activation = activation
+        self.slope = slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "leaky_relu":
+            return F.leaky_relu(x, self.slope, inplace=True)
+        return x
+
+
+def BackboneNorm(num_features: int) -> InPlaceABN:
+    """The backbone's normalisation: InPlace-ABN without activation (a separate ReLU follows)."""
+    return InPlaceABN(num_features, activation="identity")
+
+
+def upsample_like(x: torch.Tensor, size) -> torch.Tensor:
+    # align_corners=True everywhere: the released weights were trained with it.
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck (expansion 4) with dilation; N x inplanes x H x W -> N x 4*planes x H/s x W/s."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
+                 downsample: Optional[nn.Module] = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+        self.bn1 = BackboneNorm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=dilation,
+                               dilation=dilation, bias=False)
+        self.bn2 = BackboneNorm(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
+        self.bn3 = BackboneNorm(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + residual)
+
+
+class PSPModule(nn.Module):
+    """Pyramid pooling (sizes 1, 2, 3, 6) on x5; N x 2048 x h x w -> N x 512 x h x w."""
+
+    def __init__(self, features: int = 2048, out_features: int = 512, sizes=(1, 2, 3, 6)):
+        super().__init__()
+        # stages.i = [pool, conv, ABN]: the pool has no keys but keeps conv at .1 and ABN at .2
+        self.stages = nn.ModuleList([
+            nn.Sequential(nn.AdaptiveAvgPool2d(size),
+                          nn.Conv2d(features, out_features, kernel_size=1, bias=False),
+                          InPlaceABN(out_features))
+            for size in sizes])
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(features + len(sizes) * out_features, out_features, kernel_size=3, padding=1,
+                      bias=False),
+            InPlaceABN(out_features))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        size = feats.shape[2:]
+        priors = [upsample_like(stage(feats), size) for stage in self.stages] + [feats]
+        return self.bottleneck(torch.cat(priors, 1))
+
+
+def conv_abn(in_channels: int, out_channels: int) -> nn.Sequential:
+    """1x1 convolution + InPlace-ABN with leaky ReLU (keys `.0.weight`, `.1.*`)."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+                         InPlaceABN(out_channels))
+
+
+class EdgeModule(nn.Module):
+    """Edge branch on x2, x3, x4. Returns (edge logits N x 2 x H2 x W2, edge features N x 768 x H2 x W2)."""
+
+    def __init__(self, in_fea=(256, 512, 1024), mid_fea: int = 256, out_fea: int = 2):
+        super().__init__()
+        self.conv1 = conv_abn(in_fea[0], mid_fea)
+        self.conv2 = conv_abn(in_fea[1], mid_fea)
+        self.conv3 = conv_abn(in_fea[2], mid_fea)
+        self.conv4 = nn.Conv2d(mid_fea, out_fea, kernel_size=3, padding=1, bias=True)  # shared
+        self.conv5 = nn.Conv2d(out_fea * 3, out_fea, kernel_size=1, bias=True)
+
+    def forward(self, x2: torch.Tensor, x3: torch.Tensor, x4: torch.Tensor):
+        size = x2.shape[2:]
+        fea1, fea2, fea3 = self.conv1(x2), self.conv2(x3), self.conv3(x4)
+        edge1, edge2, edge3 = self.conv4(fea1), self.conv4(fea2), self.conv4(fea3)
+        fea2, fea3 = upsample_like(fea2, size), upsample_like(fea3, size)
+        edge2, edge3 = upsample_like(edge2, size), upsample_like(edge3, size)
+        edge = self.conv5(torch.cat([edge1, edge2, edge3], dim=1))
+        return edge, torch.cat([fea1, fea2, fea3], dim=1)
+
+
+class DecoderModule(nn.Module):
+    """Parsing decoder on (psp, x2). Returns (parsing logits N x C x H2 x W2, features N x 256 x H2 x W2)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.conv1 = conv_abn(512, 256)
+        self.conv2 = conv_abn(256, 48)
+        self.conv3 = nn.Sequential(
+            nn.Conv2d(304, 256, kernel_size=1, bias=False), InPlaceABN(256),
+            nn.Conv2d(256, 256, kernel_size=1, bias=False), InPlaceABN(256))
+        self.conv4 = nn.Conv2d(256, num_classes, kernel_size=1, bias=True)
+
+    def forward(self, psp: torch.Tensor, x2: torch.Tensor):
+        top = upsample_like(self.conv1(psp), x2.shape[2:])
+        fea = self.conv3(torch.cat([top, self.conv2(x2)], dim=1))
+        return self.conv4(fea), fea
+
+
+class CE2POutput(NamedTuple):
+    """The three heads, each at 1/4 of the input size: N x C, N x C, N x 2."""
+    parsing: torch.Tensor
+    fusion: torch.Tensor  # what the extractor uses
+    edge: torch.Tensor
+
+
+class CE2P(nn.Module):
+    """CE2P: deep-stem ResNet-101 (output stride 16), PSP context, decoder, edge branch and fusion.
+
+    Input N x 3 x H x W (BGR, normalised); output `CE2POutput`, each N x ? x ceil(H/4) x ceil(W/4).
+    """
+
+    def __init__(self, num_classes: int, layers=(3, 4, 23, 3)):
+        super().__init__()
+        self.inplanes = 128
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = BackboneNorm(64)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(64, 64, kernel_size=3, padding=1, bias=False)
+        self.bn2 = BackboneNorm(64)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(64, 128, kernel_size=3, padding=1, bias=False)
+        self.bn3 = BackboneNorm(128)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(64, layers[0])
+        self.layer2 = self._make_layer(128, layers[1], stride=2)
+        self.layer3 = self._make_layer(256, layers[2], stride=2)
+        self.layer4 = self._make_layer(512, layers[3], dilation=2)
+        self.context_encoding = PSPModule(2048, 512)
+        self.edge = EdgeModule()
+        self.decoder = DecoderModule(num_classes)
+        # "fushion" (sic): the released checkpoints spell it so. [2] is a key-less Dropout2d.
+        self.fushion = nn.Sequential(
+            nn.Conv2d(1024, 256, kernel_size=1, bias=False), InPlaceABN(256), nn.Dropout2d(0.1),
+            nn.Conv2d(256, num_classes, kernel_size=1, bias=True))
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, kernel_size=1, stride=stride,
+                          bias=False),
+                BackboneNorm(planes * Bottleneck.expansion))
+        layers: List[nn.Module] = [Bottleneck(self.inplanes, planes, stride, dilation, downsample)]
+        self.inplanes = planes * Bottleneck.expansion
+        layers += [Bottleneck(self.inplanes, planes, dilation=dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> CE2POutput:
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)))
+        x2 = self.layer1(self.maxpool(x))
+        x3 = self.layer2(x2)
+        x4 = self.layer3(x3)
+        x5 = self.layer4(x4)
+        parsing, parsing_fea = self.decoder(self.context_encoding(x5), x2)
+        edge, edge_fea = self.edge(x2, x3, x4)
+        fusion = self.fushion(torch.cat([parsing_fea, edge_fea], dim=1))
+        return CE2POutput(parsing, fusion, edge)
+
+
+def build_ce2p(num_classes: int) -> CE2P:
+    """The released SCHP architecture (CE2P, ResNet-101) in eval mode, with `num_classes` outputs."""
+    return CE2P(num_classes).eval()
+
+
+@torch.no_grad()
+def fold_abn(model: nn.Module) -> nn.Module:
+    """Fold every InPlace-ABN affine into the convolution before it, in place, for faster inference.
+
+    Each (Conv2d, InPlaceABN) pair becomes a biased Conv2d followed by the bare activation; the
+    arithmetic is the same up to float rounding (the scale multiplies the kernel instead of the output).
+    Run after the checkpoint is loaded: the folded model no longer has the checkpoint's keys.
+    """
+    def fold(conv: nn.Conv2d, abn: InPlaceABN) -> FoldedABN:
+        scale, shift = abn.scale_shift()
+        conv.weight.mul_(scale[:, None, None, None])
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        conv.bias = nn.Parameter(bias.clone())
+        return FoldedABN(abn.activation, abn.slope)
+
+    # Every ABN is registered right after its convolution (conv1/bn1, Sequential [0]/[1], ...).
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (conv_name, conv), (abn_name, abn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(abn, InPlaceABN):
+                setattr(parent, abn_name, fold(conv, abn))
+    leftover = [name for name, m in model.named_modules() if isinstance(m, InPlaceABN)]
+    if leftover:
+        raise RuntimeError(f"InPlace-ABN layers without a preceding convolution: {leftover}")
+    return model

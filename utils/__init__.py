@@ -1,0 +1,1 @@
+"""Helpers of the SCHP extractor: geometry, palette, checkpoints, inference, outputs."""

@@ -1,0 +1,109 @@
+"""Writing results so that no partial file ever carries a final name.
+
+Every output is written to a hidden temporary name in its destination folder, flushed to disk, then
+renamed; temporaries left by a killed run are recognised by name and removed once their process is gone.
+"""
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+
+TEMP_MARK = ".schp-tmp-"
+TEMP_NAME = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(?P<pid>\d+)(\.\w+)?$")
+# IntegratedPIFu's loaders compare the parse maps against exactly these float32 codes (pascal labels).
+INTEGRATEDPIFU_CODES = np.array([0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], dtype=np.float32)
+
+
+def temp_path(final: Path) -> Path:
+    """Hidden sibling of `final` naming this process; keeps the suffix so writers recognise the format."""
+    return final.with_name(f".{final.stem}{TEMP_MARK}{os.getpid()}{final.suffix}")
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and renamed to `final`, else removed."""
+    tmp = temp_path(final)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> List[Path]:
+    """Delete temporaries in `folder` whose writing process no longer runs (a crash or kill -9)."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = TEMP_NAME.match(entry.name)
+        if match and entry.is_file(follow_symlinks=False) and not _pid_alive(int(match.group("pid"))):
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except OSError:
+                pass
+    return removed
+
+
+def save_label_png(labels: np.ndarray, palette: Sequence[int], path: Path) -> None:
+    """H x W uint8 class indices -> mode 'P' PNG with the dataset palette, atomically."""
+    image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
+    image.putpalette(list(palette))  # turns the 'L' image into 'P', as the original did
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def save_npy(array: np.ndarray, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
+
+
+@contextmanager
+def npy_memmap(path: Path, shape, dtype=np.float32) -> Iterator[np.ndarray]:
+    """A writable memory-mapped .npy to fill in place (bounded memory for any size), atomically."""
+    with atomic_path(path) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+        try:
+            yield array
+            array.flush()
+        finally:
+            del array
+
+
+def integratedpifu_codes(labels: np.ndarray) -> np.ndarray:
+    """H x W pascal labels -> H x W float32 codes 0, 0.5, ..., 1.0 read by IntegratedPIFu."""
+    return INTEGRATEDPIFU_CODES[labels]
+
+
+def save_overlay(image_bgr: np.ndarray, labels: np.ndarray, palette: Sequence[int], path: Path,
+                 alpha: float = 0.5) -> None:
+    """JPEG of the colour map blended over the image (background pixels left as they are)."""
+    colors = np.array(palette, dtype=np.uint8).reshape(-1, 3)[:, ::-1]  # RGB palette -> BGR
+    blended = cv2.addWeighted(image_bgr, 1.0 - alpha, colors[labels], alpha, 0.0)
+    blended[labels == 0] = image_bgr[labels == 0]
+    ok, data = cv2.imencode(".jpg", blended, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise OSError(f"cannot encode {path.name} as JPEG")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.tobytes())

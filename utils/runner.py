@@ -1,0 +1,204 @@
+"""The loop over inputs: skip what is done, parse the rest in batches, write results off the critical path.
+
+Each input ends as processed, skipped (its outputs already exist) or failed (one line on stderr naming
+the file and the reason); a failure never stops the others. Decoding runs in DataLoader workers, the
+forward pass in the main thread, the inverse warp and the writing in a small thread pool.
+"""
+import errno
+import signal
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets.simple_extractor_dataset import (ImageError, Prepared, SimpleFolderDataset, collate_prepared,
+                                               read_image)
+from utils.inference import HumanParser, labels_from_logits
+from utils.outputs import (integratedpifu_codes, npy_memmap, remove_stale_temporaries, save_label_png,
+                           save_npy, save_overlay)
+
+# Errors after which writing anything more is pointless: stop the run instead of failing every file.
+FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+@dataclass
+class Task:
+    """One input image and the outputs it should produce (None = not asked for)."""
+    source: Path
+    name: str  # how messages name the input (relative to the input root)
+    png: Optional[Path] = None  # palette label map
+    codes: Optional[Path] = None  # IntegratedPIFu float32 code map
+    logits: Optional[Path] = None  # H x W x C float32 logits
+    overlay: Optional[Path] = None  # colour map over the image, JPEG
+
+    @property
+    def outputs(self) -> List[Path]:
+        return [p for p in (self.png, self.codes, self.logits, self.overlay) if p is not None]
+
+    def is_done(self) -> bool:
+        return all(p.exists() for p in self.outputs)
+
+
+@dataclass
+class Outcome:
+    task: Task
+    status: str  # processed, skipped, failed, or not-run (interrupted before its turn)
+    reason: Optional[str] = None
+    width: int = 0
+    height: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class RunReport:
+    outcomes: List[Outcome] = field(default_factory=list)
+    interrupted: bool = False
+    stopped_reason: Optional[str] = None
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    def summary_line(self) -> str:
+        done = self.count("processed")
+        rate = f", {done / self.seconds:.2f} images/s" if done and self.seconds > 0 else ""
+        head = "interrupted" if self.interrupted else ("stopped" if self.stopped_reason else "done")
+        line = (f"{head}: {done} processed, {self.count('skipped')} skipped, {self.count('failed')} failed"
+                f" of {len(self.outcomes)} inputs in {self.seconds:.1f} s{rate}")
+        not_run = self.count("not-run")
+        return line + (f" ({not_run} not reached; run again to resume)" if not_run else "")
+
+
+def finish(task: Task, item: Prepared, logits: np.ndarray, parser: HumanParser,
+           palette: Sequence[int]) -> None:
+    """Inverse warp + argmax of one image's logits (in_h x in_w x C), then write every asked output."""
+    for path in task.outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    size = parser.spec.input_size
+    if task.logits is not None:
+        with npy_memmap(task.logits, (item.height, item.width, logits.shape[2])) as full:
+            labels = labels_from_logits(logits, item.center, item.scale, item.width, item.height, size, full)
+    else:
+        labels = labels_from_logits(logits, item.center, item.scale, item.width, item.height, size)
+    if task.codes is not None:
+        save_npy(integratedpifu_codes(labels), task.codes)
+    if task.overlay is not None:
+        save_overlay(read_image(task.source), labels, palette, task.overlay)
+    if task.png is not None:
+        save_label_png(labels, palette, task.png)
+
+
+def _worker_init(_: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops us
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _describe_error(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        where = f" {err.filename}" if err.filename else ""
+        return f"cannot write{where}: {err.strerror or err}"
+    if isinstance(err, ImageError):
+        return str(err)
+    if isinstance(err, MemoryError):
+        return "out of memory"
+    return f"{type(err).__name__}: {err}"
+
+
+class Runner:
+    """Runs tasks through a HumanParser. `say` prints a line to stderr (kept apart from the bar)."""
+
+    def __init__(self, parser: HumanParser, palette: Sequence[int], batch_size: int = 1, num_workers: int = 1,
+                 quiet: bool = False, write_threads: int = 2):
+        self.parser, self.palette = parser, palette
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.quiet, self.write_threads = quiet, write_threads
+
+    def say(self, line: str) -> None:
+        tqdm.write(line, file=sys.stderr)
+
+    def run(self, tasks: Sequence[Task], overwrite: bool = False) -> RunReport:
+        start = time.perf_counter()
+        report = RunReport()
+        outcomes: Dict[int, Outcome] = {}
+        for folder in sorted({p.parent for t in tasks for p in t.outputs}):
+            remove_stale_temporaries(folder)
+        todo: List[Tuple[int, Task]] = []
+        for i, task in enumerate(tasks):
+            if not overwrite and task.is_done():
+                outcomes[i] = Outcome(task, "skipped")
+            else:
+                todo.append((i, task))
+        bar = tqdm(total=len(tasks), initial=len(outcomes), unit="img", file=sys.stderr,
+                   disable=self.quiet, dynamic_ncols=True)
+
+        def fail(i: int, task: Task, reason: str, item: Optional[Prepared] = None) -> None:
+            outcomes[i] = Outcome(task, "failed", reason, item.width if item else 0, item.height if item else 0)
+            self.say(f"error: {task.source}: {reason}")
+            bar.update(1)
+
+        previous_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        pool = ThreadPoolExecutor(max_workers=self.write_threads, thread_name_prefix="schp-write")
+        pending: Deque[Tuple[int, Task, Prepared, float, Future]] = deque()
+
+        def collect(block_beyond: int) -> None:
+            while pending and (len(pending) > block_beyond or pending[0][4].done()):
+                i, task, item, seconds, future = pending.popleft()
+                err = future.exception()
+                if err is None:
+                    outcomes[i] = Outcome(task, "processed", None, item.width, item.height, seconds)
+                    bar.update(1)
+                    continue
+                fail(i, task, _describe_error(err), item)
+                if isinstance(err, OSError) and err.errno in FATAL_WRITE_ERRNOS and not report.stopped_reason:
+                    report.stopped_reason = _describe_error(err)
+
+        loader = DataLoader(SimpleFolderDataset([t.source for _, t in todo], self.parser.spec.input_size),
+                            batch_size=self.batch_size, num_workers=self.num_workers,
+                            collate_fn=collate_prepared, worker_init_fn=_worker_init,
+                            prefetch_factor=2 if self.num_workers else None)
+        try:
+            for items in loader:
+                t0 = time.perf_counter()
+                for item in items:
+                    if item.error is not None:
+                        fail(*todo[item.index], item.error, item)
+                good = [item for item in items if item.error is None]
+                if good:
+                    logits = self.parser.logits(torch.stack([item.image for item in good]))
+                    logits = logits.permute(0, 2, 3, 1).cpu().numpy()  # N x in_h x in_w x C
+                    share = (time.perf_counter() - t0) / len(good)
+                    for item, image_logits in zip(good, logits):
+                        i, task = todo[item.index]
+                        pending.append((i, task, item, share,
+                                        pool.submit(finish, task, item, image_logits, self.parser, self.palette)))
+                collect(block_beyond=2 * self.batch_size)
+                if report.stopped_reason:
+                    break
+            collect(block_beyond=0)
+        except KeyboardInterrupt:
+            report.interrupted = True
+            self.say("interrupted: finishing the outputs in flight, then stopping")
+            collect(block_beyond=0)
+        finally:
+            pool.shutdown(wait=True)
+            signal.signal(signal.SIGTERM, previous_term)
+            bar.close()
+        if report.stopped_reason:
+            self.say(f"stopped: {report.stopped_reason}")
+        report.outcomes = [outcomes.get(i, Outcome(task, "not-run")) for i, task in enumerate(tasks)]
+        report.seconds = time.perf_counter() - start
+        return report

@@ -1,0 +1,115 @@
+"""Geometry of the SCHP extractor: the affine crop into the network and the inverse warp of its logits.
+
+Follows the published SCHP code (datasets/simple_extractor_dataset.py, utils/transforms.py) with the
+corner-aligned destination of the IntegratedPIFu fork; OpenCV's fixed-point bilinear is part of the
+contract, so the warps go through cv2 exactly as the original did (SPEC.md section 1).
+"""
+from typing import Iterator, Tuple
+
+import cv2
+import numpy as np
+
+Size = Tuple[int, int]  # (height, width)
+
+
+def box_center_scale(width: int, height: int, aspect_ratio: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
+    """Center and scale (both float32, x then y) of the whole-image box (0, 0, w-1, h-1).
+
+    The box is widened or heightened to the network's aspect ratio; no padding, no rotation.
+    """
+    x, y, w, h = 0.0, 0.0, float(width - 1), float(height - 1)
+    center = np.array([x + w * 0.5, y + h * 0.5], dtype=np.float32)
+    if w > aspect_ratio * h:
+        h = w / aspect_ratio
+    elif w < aspect_ratio * h:
+        w = h * aspect_ratio
+    return center, np.array([w, h], dtype=np.float32)
+
+
+def _third_point(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    direction = a - b
+    return b + np.array([-direction[1], direction[0]], dtype=np.float32)
+
+
+def get_affine_transform(center: np.ndarray, scale: np.ndarray, output_size: Size,
+                         inv: bool = False) -> np.ndarray:
+    """2 x 3 float64 matrix mapping image -> network input (or back with `inv`).
+
+    Built like the original, from three float32 point pairs through cv2.getAffineTransform, so the
+    matrix is bit-identical to the one the released pipeline used (the fixed-point warp is sensitive
+    to its last bits). Corner-aligned: the destination centre is ((in_w-1)/2, (in_h-1)/2).
+    """
+    dst_h, dst_w = output_size
+    src_dir = np.array([0.0, scale[0] * -0.5], dtype=np.float32)
+    dst_dir = np.array([0.0, (dst_w - 1) * -0.5], dtype=np.float32)
+    src = np.zeros((3, 2), dtype=np.float32)
+    dst = np.zeros((3, 2), dtype=np.float32)
+    src[0] = center
+    src[1] = center + src_dir
+    dst[0] = [(dst_w - 1) * 0.5, (dst_h - 1) * 0.5]
+    dst[1] = np.array([(dst_w - 1) * 0.5, (dst_h - 1) * 0.5]) + dst_dir
+    src[2] = _third_point(src[0], src[1])
+    dst[2] = _third_point(dst[0], dst[1])
+    if inv:
+        return cv2.getAffineTransform(dst, src)
+    return cv2.getAffineTransform(src, dst)
+
+
+def warp_to_input(image: np.ndarray, center: np.ndarray, scale: np.ndarray, input_size: Size) -> np.ndarray:
+    """Crop-and-resize an H x W x 3 uint8 BGR image to in_h x in_w x 3 uint8 (OpenCV bilinear, black border)."""
+    trans = get_affine_transform(center, scale, input_size)
+    return cv2.warpAffine(image, trans, (int(input_size[1]), int(input_size[0])), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+
+
+def invert_affine(matrix: np.ndarray) -> np.ndarray:
+    """cv2.invertAffineTransform's arithmetic, in the same order as warpAffine's internal inversion.
+
+    warpAffine inverts the matrix it is given unless WARP_INVERSE_MAP is set; doing the inversion here
+    (bit-identically) lets us warp a band of rows by shifting the already-inverted matrix.
+    """
+    m = [float(v) for v in np.asarray(matrix, dtype=np.float64).ravel()]
+    d = m[0] * m[4] - m[1] * m[3]
+    d = 1.0 / d if d != 0 else 0.0
+    a11, a22 = m[4] * d, m[0] * d
+    m[0], m[1], m[3], m[4] = a11, m[1] * -d, m[3] * -d, a22
+    b1 = -m[0] * m[2] - m[1] * m[5]
+    b2 = -m[3] * m[2] - m[4] * m[5]
+    m[2], m[5] = b1, b2
+    return np.array(m, dtype=np.float64).reshape(2, 3)
+
+
+def output_to_input_map(center: np.ndarray, scale: np.ndarray, input_size: Size) -> np.ndarray:
+    """2 x 3 matrix sending an output (image) pixel to its source position in the network's logits."""
+    return invert_affine(get_affine_transform(center, scale, input_size, inv=True))
+
+
+def row_bands(height: int, rows: int) -> Iterator[Tuple[int, int]]:
+    """(start, stop) of consecutive bands of at most `rows` rows covering 0..height."""
+    for start in range(0, height, rows):
+        yield start, min(start + rows, height)
+
+
+def warp_logits_rows(logits: np.ndarray, out_to_in: np.ndarray, width: int, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop of the inverse-warped logits: in_h x in_w x C float32 -> (stop-start) x width x C.
+
+    Same result as the original's per-channel cv2.warpAffine on the whole image, up to float rounding
+    in the last bit (no effect on the argmax was measured); see tests/test_transforms.py.
+    """
+    band = out_to_in.copy()
+    band[:, 2] += band[:, 1] * start
+    channels = logits.shape[2]
+    out = np.empty((stop - start, width, channels), dtype=np.float32)
+    # cv2 warps at most 4 channels per call through its vectorised paths; chunk to stay on them
+    for c0 in range(0, channels, 4):
+        part = cv2.warpAffine(np.ascontiguousarray(logits[:, :, c0:c0 + 4]), band, (width, stop - start),
+                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        out[:, :, c0:c0 + 4] = part.reshape(stop - start, width, -1)
+    return out
+
+
+def transform_logits(logits: np.ndarray, center: np.ndarray, scale: np.ndarray, width: int, height: int,
+                     input_size: Size) -> np.ndarray:
+    """The original's inverse warp, whole image: in_h x in_w x C float32 -> height x width x C float32."""
+    return warp_logits_rows(logits, output_to_input_map(center, scale, input_size), width, 0, height)
