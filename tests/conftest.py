@@ -1,0 +1,52 @@
+"""Shared fixtures: synthetic checkpoints in the released container format, and running the CLI.
+
+The released weights cannot be downloaded in CI, so every test uses the deterministic checkpoints of
+tests/data/synth_checkpoint.py (copied from the project's reference material), seed 0 = calibrated.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(DATA))
+
+from synth_checkpoint import save_checkpoint, synthetic_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """checkpoints(dataset, legacy=True) -> path of the seed-0 synthetic checkpoint, made once per session."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    made = {}
+
+    def get(dataset: str = "pascal", legacy: bool = True) -> Path:
+        key = (dataset, legacy)
+        if key not in made:
+            path = folder / f"synth-{dataset}-{'legacy' if legacy else 'zip'}.pth"
+            save_checkpoint(synthetic_checkpoint(dataset, 0), path, legacy=legacy)
+            made[key] = path
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def no_checkpoint_cache(monkeypatch, tmp_path):
+    """Keep the converted-checkpoint cache inside each test's own folder."""
+    monkeypatch.setenv("SCHP_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run simple_extractor.main(argv) in this process; returns (exit code, stdout, stderr)."""
+    import simple_extractor
+
+    def run(*argv):
+        code = simple_extractor.main([str(a) for a in argv] + ["--quiet"])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
