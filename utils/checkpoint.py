@@ -26,8 +26,8 @@ class CheckpointError(Exception):
 def _load_error_reason(err: BaseException) -> str:
     text = str(err)
     for line in text.splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return ("refused: its pickle asks to run code (" + line.strip().rstrip(".") +
+        if "unsupported global" in line.lower() or "unsupported operand" in line.lower():
+            return ("refused: its pickle asks for code (" + line.strip().rstrip(".") +
                     "); nothing from it was executed")
     if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
         return "refused: it holds objects other than tensors; nothing from it was executed"

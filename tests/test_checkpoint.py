@@ -1,0 +1,122 @@
+"""Checkpoint reading: released container and variants accepted, everything else refused clearly."""
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+from datasets.catalog import DATASETS
+from networks import build_ce2p
+from utils.checkpoint import CheckpointError, cached_zip_copy, check_state_dict, read_state_dict
+
+PASCAL = DATASETS["pascal"]
+
+
+def expected_state():
+    return build_ce2p(7).state_dict()
+
+
+def test_released_legacy_container_loads(checkpoints):
+    path = checkpoints("pascal", legacy=True)
+    assert not zipfile.is_zipfile(path)  # the released, pre-1.6 format with cuda:0 storages
+    state = read_state_dict(path)
+    assert len(state) == 603 and not any(k.startswith("module.") for k in state)
+    check_state_dict(state, expected_state(), PASCAL, path)
+
+
+@pytest.mark.parametrize("wrap, prefix", [(True, False), (False, True), (False, False)])
+def test_bare_state_dicts_with_or_without_prefix_load(checkpoints, tmp_path, wrap, prefix):
+    state = read_state_dict(checkpoints("pascal"))
+    stored = {("module." if prefix else "") + k: v for k, v in state.items()}
+    path = tmp_path / "variant.pth"
+    torch.save({"state_dict": stored} if wrap else stored, path)
+    loaded = read_state_dict(path)
+    assert loaded.keys() == state.keys()
+    assert torch.equal(loaded["fushion.3.bias"], state["fushion.3.bias"])
+
+
+def test_zip_copy_is_made_once_and_loads_memory_mapped(checkpoints, tmp_path):
+    legacy = checkpoints("pascal")
+    copy = cached_zip_copy(legacy, tmp_path / "cache")
+    assert copy != legacy and zipfile.is_zipfile(copy)
+    assert cached_zip_copy(legacy, tmp_path / "cache") == copy
+    a, b = read_state_dict(legacy), read_state_dict(copy)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert cached_zip_copy(legacy, None) == legacy
+
+
+def test_lip_checkpoint_with_pascal_dataset_names_lip(checkpoints):
+    path = checkpoints("lip")
+    with pytest.raises(CheckpointError, match=r"20 classes.*looks like a lip checkpoint.*--dataset pascal"):
+        check_state_dict(read_state_dict(path), expected_state(), PASCAL, path)
+
+
+def test_wrong_architecture_lists_missing_and_misshaped_keys(tmp_path):
+    state = dict(expected_state())
+    del state["layer3.22.conv1.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    state["conv1.weight"] = torch.zeros(64, 3, 7, 7)
+    with pytest.raises(CheckpointError) as err:
+        check_state_dict(state, expected_state(), PASCAL, tmp_path / "x.pth")
+    message = str(err.value)
+    assert "1 missing: layer3.22.conv1.weight" in message
+    assert "1 unexpected: extra.weight" in message
+    assert "conv1.weight: checkpoint (64, 3, 7, 7) vs model (64, 3, 3, 3)" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.999])
+@pytest.mark.parametrize("legacy", [True, False])
+def test_truncated_file_is_refused(checkpoints, tmp_path, legacy, cut):
+    data = checkpoints("pascal", legacy=legacy).read_bytes()
+    path = tmp_path / "cut.pth"
+    path.write_bytes(data[:int(len(data) * cut)])
+    with pytest.raises(CheckpointError, match="cut.pth: .*(truncated|not a readable)"):
+        read_state_dict(path)
+
+
+def test_empty_and_foreign_files_are_refused(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        read_state_dict(tmp_path / "empty.pth")
+    (tmp_path / "page.pth").write_text("<html>Google Drive quota exceeded</html>")
+    with pytest.raises(CheckpointError, match="page.pth"):
+        read_state_dict(tmp_path / "page.pth")
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_state_dict(tmp_path / "absent.pth")
+    torch.save({"state_dict": {"a": 1}}, tmp_path / "nontensor.pth")
+    with pytest.raises(CheckpointError, match="no state dict of tensors"):
+        read_state_dict(tmp_path / "nontensor.pth")
+
+
+class Payload:
+    """Unpickling this runs os.system: what a hostile checkpoint would do under plain torch.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_checkpoint_whose_pickle_runs_code_is_refused_without_running_it(tmp_path, legacy):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "hostile.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "x": Payload(marker)}, path,
+               _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match=r"hostile.pth: refused: its pickle asks for code .*posix.system.*nothing from it was executed"):
+        read_state_dict(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the same file loaded unrestricted does run its payload
+    assert marker.exists(), "the test file is not actually hostile"
+
+
+def test_plain_pickle_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(CheckpointError):
+        read_state_dict(path)
+    assert not marker.exists()
