@@ -133,6 +133,14 @@ def plan_integratedpifu(args, spec) -> Plan:
     return Plan(tasks, notes, [])
 
 
+def ensure_writable(folder: Path) -> None:
+    from utils.outputs import check_writable
+    try:
+        check_writable(folder)
+    except OSError as err:
+        raise SetupError(f"cannot write to {folder}: {err.strerror or err}") from None
+
+
 def print_legend(spec) -> None:
     from utils.palette import class_colors
     print(f"{spec.name}: {spec.num_classes} classes (index  RGB colour  name)")
@@ -219,7 +227,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for problem in plan.problems:
                 print(f"fail\t{problem}")
             return EXIT_OK
-        parser, checkpoint = load_parser(args, spec)
+        for folder in sorted({p.parent for task in plan.tasks for p in task.outputs}):
+            ensure_writable(folder)
+        if not args.overwrite and all(task.is_done() for task in plan.tasks):
+            parser, checkpoint = None, None  # nothing to compute: no need to load the model
+        else:
+            parser, checkpoint = load_parser(args, spec)
     except SetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_SETUP

@@ -11,7 +11,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from utils.transforms import box_center_scale, warp_to_input
@@ -82,7 +81,7 @@ def list_images(input_dir: Path, recursive: bool = False,
 class Prepared:
     """One input after decoding and cropping (or the reason it failed)."""
     index: int
-    image: Optional[torch.Tensor]  # in_h x in_w x 3 uint8, BGR
+    image: Optional[np.ndarray]  # in_h x in_w x 3 uint8, BGR
     center: Optional[np.ndarray] = None
     scale: Optional[np.ndarray] = None
     width: int = 0
@@ -113,7 +112,9 @@ class SimpleFolderDataset(Dataset):
         h, w = image.shape[:2]
         center, scale = box_center_scale(w, h, self.input_size[1] / self.input_size[0])
         crop = warp_to_input(image, center, scale, self.input_size)
-        return Prepared(index, torch.from_numpy(crop), center, scale, w, h)
+        # a numpy array travels from the worker through a pipe; a tensor would need /dev/shm, which
+        # is small in containers and fails with a hang rather than an error when full
+        return Prepared(index, crop, center, scale, w, h)
 
 
 def collate_prepared(items: List[Prepared]) -> List[Prepared]:

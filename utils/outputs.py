@@ -33,9 +33,21 @@ def atomic_path(final: Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
+    except OSError as err:
+        if not err.filename:  # some writers (memmap, PIL) raise without naming the file
+            err.filename = str(final)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and prove a file can be written there (OSError if not)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = temp_path(folder / "write-probe")
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -119,9 +119,12 @@ def _describe_error(err: BaseException) -> str:
 
 
 class Runner:
-    """Runs tasks through a HumanParser. `say` prints a line to stderr (kept apart from the bar)."""
+    """Runs tasks through a HumanParser (None when every task is already done).
 
-    def __init__(self, parser: HumanParser, palette: Sequence[int], batch_size: int = 1, num_workers: int = 1,
+    `say` prints a line to stderr, kept apart from the progress bar.
+    """
+
+    def __init__(self, parser: Optional[HumanParser], palette: Sequence[int], batch_size: int = 1, num_workers: int = 1,
                  quiet: bool = False, write_threads: int = 2):
         self.parser, self.palette = parser, palette
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -169,7 +172,7 @@ class Runner:
         loader = DataLoader(SimpleFolderDataset([t.source for _, t in todo], self.parser.spec.input_size),
                             batch_size=self.batch_size, num_workers=self.num_workers,
                             collate_fn=collate_prepared, worker_init_fn=_worker_init,
-                            prefetch_factor=2 if self.num_workers else None)
+                            prefetch_factor=2 if self.num_workers else None) if todo else []
         try:
             for items in loader:
                 t0 = time.perf_counter()
@@ -178,7 +181,7 @@ class Runner:
                         fail(*todo[item.index], item.error, item)
                 good = [item for item in items if item.error is None]
                 if good:
-                    logits = self.parser.logits(torch.stack([item.image for item in good]))
+                    logits = self.parser.logits(torch.from_numpy(np.stack([item.image for item in good])))
                     logits = logits.permute(0, 2, 3, 1).cpu().numpy()  # N x in_h x in_w x C
                     share = (time.perf_counter() - t0) / len(good)
                     for item, image_logits in zip(good, logits):
