@@ -77,3 +77,20 @@ def test_labels_break_ties_towards_the_lowest_class():
 def test_row_bands_cover_every_row_once():
     assert list(row_bands(10, 4)) == [(0, 4), (4, 8), (8, 10)]
     assert list(row_bands(1, 100)) == [(0, 1)]
+
+
+@pytest.mark.parametrize("w, h", SIZES)
+@pytest.mark.parametrize("channels", [7, 20])
+def test_torch_warp_for_gpus_matches_the_opencv_warp(w, h, channels):
+    import torch
+
+    from utils.transforms import warp_argmax_torch
+
+    size = (473, 473) if channels == 20 else (512, 512)
+    logits = np.random.default_rng(2).normal(size=size + (channels,)).astype(np.float32)
+    center, scale = box_center_scale(w, h)
+    expected = transform_logits(logits, center, scale, w, h, size).argmax(axis=2)
+    got = warp_argmax_torch(torch.from_numpy(logits).permute(2, 0, 1).contiguous(),
+                            output_to_input_map(center, scale, size), w, h, band_bytes=1 << 16).numpy()
+    assert got.dtype == np.uint8
+    assert (got != expected).sum() <= max(1, expected.size // 1_000_000)  # float ties only

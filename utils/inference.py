@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from datasets.catalog import DatasetSpec
 from networks import build_ce2p, fold_abn
-from utils.transforms import output_to_input_map, row_bands, warp_logits_rows
+from utils.transforms import output_to_input_map, row_bands, warp_argmax_torch, warp_logits_rows
 
 # The input contract of the released models: BGR order, x/255, then per-channel mean/std (B, G, R).
 MEAN_BGR = (0.406, 0.456, 0.485)
@@ -45,12 +45,17 @@ class HumanParser:
     """
 
     def __init__(self, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], device: torch.device,
-                 precision: str = "fp32", allow_tf32: bool = False):
+                 precision: str = "fp32", allow_tf32: bool = False,
+                 postprocess_on_device: Optional[bool] = None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}")
         if precision == "fp16" and device.type != "cuda":
             raise ValueError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
         self.spec, self.device, self.precision = spec, device, precision
+        # On a GPU the inverse warp and argmax run there (only the uint8 map comes back); on the CPU
+        # they run in cv2 in writer threads. Tests force the device path on the CPU to cover it.
+        self.postprocess_on_device = device.type == "cuda" if postprocess_on_device is None \
+            else postprocess_on_device
         if device.type == "cuda":
             # TF32 changes the maps; keep full fp32 unless asked
             torch.backends.cuda.matmul.allow_tf32 = allow_tf32
@@ -77,6 +82,13 @@ class HumanParser:
         with self._autocast():
             fusion = self.model(x).fusion
         return F.interpolate(fusion.float(), size=self.spec.input_size, mode="bilinear", align_corners=True)
+
+
+    def labels(self, logits: torch.Tensor, center: np.ndarray, scale: np.ndarray, width: int,
+               height: int) -> np.ndarray:
+        """height x width uint8 label map from one image's C x in_h x in_w logits, on the device."""
+        out_to_in = output_to_input_map(center, scale, self.spec.input_size)
+        return warp_argmax_torch(logits, out_to_in, width, height).cpu().numpy()
 
 
 def labels_from_logits(logits: np.ndarray, center: np.ndarray, scale: np.ndarray, width: int, height: int,

@@ -78,17 +78,19 @@ class RunReport:
         return line + (f" ({not_run} not reached; run again to resume)" if not_run else "")
 
 
-def finish(task: Task, item: Prepared, logits: np.ndarray, parser: HumanParser,
-           palette: Sequence[int]) -> None:
-    """Inverse warp + argmax of one image's logits (in_h x in_w x C), then write every asked output."""
+def finish(task: Task, item: Prepared, parser: HumanParser, palette: Sequence[int],
+           logits: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None) -> None:
+    """Write every asked output of one image, from its label map or, on the CPU path, from its
+    in_h x in_w x C logits (inverse warp + argmax here, in a writer thread)."""
     for path in task.outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
-    size = parser.spec.input_size
-    if task.logits is not None:
-        with npy_memmap(task.logits, (item.height, item.width, logits.shape[2])) as full:
-            labels = labels_from_logits(logits, item.center, item.scale, item.width, item.height, size, full)
-    else:
-        labels = labels_from_logits(logits, item.center, item.scale, item.width, item.height, size)
+    if labels is None:
+        size = parser.spec.input_size
+        if task.logits is not None:
+            with npy_memmap(task.logits, (item.height, item.width, logits.shape[2])) as full:
+                labels = labels_from_logits(logits, item.center, item.scale, item.width, item.height, size, full)
+        else:
+            labels = labels_from_logits(logits, item.center, item.scale, item.width, item.height, size)
     if task.codes is not None:
         save_npy(integratedpifu_codes(labels), task.codes)
     if task.overlay is not None:
@@ -129,6 +131,22 @@ class Runner:
         self.parser, self.palette = parser, palette
         self.batch_size, self.num_workers = batch_size, num_workers
         self.quiet, self.write_threads = quiet, write_threads
+
+    def _submit(self, good: List[Prepared], todo, pending, t0: float, pool: ThreadPoolExecutor) -> None:
+        """Forward pass of a batch, then hand each image to a writer thread."""
+        logits = self.parser.logits(torch.from_numpy(np.stack([item.image for item in good])))
+        host = None
+        for k, item in enumerate(good):
+            i, task = todo[item.index]
+            if self.parser.postprocess_on_device and task.logits is None:
+                labels = self.parser.labels(logits[k], item.center, item.scale, item.width, item.height)
+                work = dict(labels=labels)
+            else:
+                if host is None:
+                    host = logits.permute(0, 2, 3, 1).cpu().numpy()  # N x in_h x in_w x C
+                work = dict(logits=host[k])
+            share = (time.perf_counter() - t0) / len(good)
+            pending.append((i, task, item, share, pool.submit(finish, task, item, self.parser, self.palette, **work)))
 
     def say(self, line: str) -> None:
         tqdm.write(line, file=sys.stderr)
@@ -181,13 +199,7 @@ class Runner:
                         fail(*todo[item.index], item.error, item)
                 good = [item for item in items if item.error is None]
                 if good:
-                    logits = self.parser.logits(torch.from_numpy(np.stack([item.image for item in good])))
-                    logits = logits.permute(0, 2, 3, 1).cpu().numpy()  # N x in_h x in_w x C
-                    share = (time.perf_counter() - t0) / len(good)
-                    for item, image_logits in zip(good, logits):
-                        i, task = todo[item.index]
-                        pending.append((i, task, item, share,
-                                        pool.submit(finish, task, item, image_logits, self.parser, self.palette)))
+                    self._submit(good, todo, pending, t0, pool)
                 collect(block_beyond=2 * self.batch_size)
                 if report.stopped_reason:
                     break

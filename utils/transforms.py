@@ -113,3 +113,46 @@ def transform_logits(logits: np.ndarray, center: np.ndarray, scale: np.ndarray, 
                      input_size: Size) -> np.ndarray:
     """The original's inverse warp, whole image: in_h x in_w x C float32 -> height x width x C float32."""
     return warp_logits_rows(logits, output_to_input_map(center, scale, input_size), width, 0, height)
+
+
+def _opencv_taps(position_1024: np.ndarray, source_size: int):
+    """Source taps and bilinear weights of OpenCV's fixed-point warp along one axis.
+
+    `position_1024` is the source coordinate already rounded to 1/1024 px, as warpAffine does
+    (AB_BITS = 10); it adds half a 1/32 step and keeps 1/32 px (INTER_BITS = 5). Taps outside the
+    source get weight 0 (BORDER_CONSTANT 0). Returns (index int64 n x 2, weight float32 n x 2).
+    """
+    fixed = (position_1024 + 16) >> 5
+    first = fixed >> 5
+    fraction = (fixed & 31).astype(np.float32) * np.float32(1.0 / 32)
+    index = np.stack([first, first + 1], axis=1)
+    weight = np.stack([np.float32(1) - fraction, fraction], axis=1)
+    weight[(index < 0) | (index >= source_size)] = 0
+    return np.clip(index, 0, source_size - 1), weight
+
+
+def warp_argmax_torch(logits, out_to_in: np.ndarray, width: int, height: int, band_bytes: int = 64 << 20):
+    """Inverse warp and argmax on the logits' own device (the CUDA path): C x in_h x in_w -> H x W uint8.
+
+    Replicates warpAffine's fixed-point sampling for the axis-aligned matrices of this pipeline, so the
+    labels equal those of the cv2 path up to float rounding (tests/test_transforms.py measures it).
+    """
+    import torch
+
+    if out_to_in[0, 1] != 0 or out_to_in[1, 0] != 0:
+        raise ValueError("warp_argmax_torch handles axis-aligned transforms only")
+    channels, in_h, in_w = logits.shape
+    m = out_to_in
+    # as warpAffine: x from round(M00*x*1024) + round(M02*1024), y from round((M11*y + M12)*1024)
+    x_1024 = np.rint(m[0, 0] * np.arange(width) * 1024.0).astype(np.int64) + np.int64(np.rint(m[0, 2] * 1024.0))
+    y_1024 = np.rint((m[1, 1] * np.arange(height) + m[1, 2]) * 1024.0).astype(np.int64)
+    x_index, x_weight = (torch.from_numpy(a).to(logits.device) for a in _opencv_taps(x_1024, in_w))
+    y_index, y_weight = _opencv_taps(y_1024, in_h)
+    labels = torch.empty((height, width), dtype=torch.uint8, device=logits.device)
+    rows = max(1, band_bytes // max(1, channels * width * 4))
+    for start, stop in row_bands(height, rows):
+        yi, yw = (torch.from_numpy(a[start:stop]).to(logits.device) for a in (y_index, y_weight))
+        across = logits[:, yi[:, 0], :] * yw[:, 0, None] + logits[:, yi[:, 1], :] * yw[:, 1, None]
+        band = across[:, :, x_index[:, 0]] * x_weight[:, 0] + across[:, :, x_index[:, 1]] * x_weight[:, 1]
+        labels[start:stop] = band.argmax(dim=0).to(torch.uint8)
+    return labels
