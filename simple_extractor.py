@@ -66,7 +66,6 @@ class Plan:
     """What a run will do: the tasks, and any notes found while listing them."""
     tasks: list
     notes: List[str]
-    problems: List[str]  # inputs already known to be bad (e.g. name collisions), reported as failures
 
 
 def parse_shard(text: Optional[str]):
@@ -95,19 +94,17 @@ def plan_folder(args, spec) -> Plan:
     images, others = list_images(input_dir, args.recursive, exclude=output_dir)
     notes = [f"skipping {input_dir / o}: not an image (extension not one of .jpg .jpeg .png .bmp "
              ".tif .tiff .webp)" for o in others]
-    tasks, problems, owner = [], [], {}
+    tasks, owner = [], {}
     for rel in images:
         stem = rel.with_suffix("")
         task = Task(source=input_dir / rel, name=str(rel), png=output_dir / f"{stem}.png",
                     logits=output_dir / f"{stem}.npy" if args.logits else None,
                     overlay=output_dir / f"{stem}_overlay.jpg" if args.overlay else None)
-        if stem in owner:  # a.jpg and a.png would write the same a.png
-            problems.append(f"{task.source}: its outputs would overwrite those of {owner[stem].source}; "
-                            "rename one of them")
-            continue
-        owner[stem] = task
+        if stem in owner:  # a.jpg and a.png would write the same a.png: the first in order keeps it
+            task.refusal = f"its outputs would overwrite those of {owner[stem].source}; rename one of them"
+        owner.setdefault(stem, task)
         tasks.append(task)
-    return Plan(tasks, notes, problems)
+    return Plan(tasks, notes)
 
 
 def plan_integratedpifu(args, spec) -> Plan:
@@ -130,7 +127,7 @@ def plan_integratedpifu(args, spec) -> Plan:
                   logits=ipifu.parse_map_path(parse_root, r, "_logits") if args.logits else None,
                   overlay=r.image.with_name(f"rendered_parse_{r.yaw}_overlay.jpg") if args.overlay else None)
              for r in renders]
-    return Plan(tasks, notes, [])
+    return Plan(tasks, notes)
 
 
 def ensure_writable(folder: Path) -> None:
@@ -222,14 +219,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(note, file=sys.stderr)
         if args.dry_run:
             for task in plan.tasks:
-                state = "skip" if task.is_done() and not args.overwrite else "process"
+                state = "fail" if task.refusal else \
+                    "skip" if task.is_done() and not args.overwrite else "process"
                 print(f"{state}\t{task.source}\t" + "\t".join(str(p) for p in task.outputs))
-            for problem in plan.problems:
-                print(f"fail\t{problem}")
             return EXIT_OK
         for folder in sorted({p.parent for task in plan.tasks for p in task.outputs}):
             ensure_writable(folder)
-        if not args.overwrite and all(task.is_done() for task in plan.tasks):
+        if all(task.refusal or (task.is_done() and not args.overwrite) for task in plan.tasks):
             parser, checkpoint = None, None  # nothing to compute: no need to load the model
         else:
             parser, checkpoint = load_parser(args, spec)
@@ -241,15 +237,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from utils.runner import Runner
     import cv2
     cv2.setNumThreads(1)  # torch owns the cores; OpenCV's own pool would only compete with it
-    for problem in plan.problems:
-        print(f"error: {problem}", file=sys.stderr)
     runner = Runner(parser, get_palette(spec.num_classes), args.batch_size, args.num_workers, args.quiet)
     report = runner.run(plan.tasks, overwrite=args.overwrite)
-    failed_early = len(plan.problems)
-    line = report.summary_line()
-    if failed_early:
-        line += f"; {failed_early} more refused before the run"
-    print(line, file=sys.stderr)
+    print(report.summary_line(), file=sys.stderr)
     if args.summary:
         try:
             write_manifest(Path(args.summary), args, spec, checkpoint, parser, report, started)
@@ -258,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_FAILED
     if report.interrupted:
         return EXIT_INTERRUPTED
-    if report.count("failed") or failed_early or report.stopped_reason:
+    if report.count("failed") or report.stopped_reason:
         return EXIT_FAILED
     return EXIT_OK
 

@@ -39,6 +39,7 @@ class Task:
     codes: Optional[Path] = None  # IntegratedPIFu float32 code map
     logits: Optional[Path] = None  # H x W x C float32 logits
     overlay: Optional[Path] = None  # colour map over the image, JPEG
+    refusal: Optional[str] = None  # known before the run not to be doable (e.g. an output name clash)
 
     @property
     def outputs(self) -> List[Path]:
@@ -158,8 +159,11 @@ class Runner:
         for folder in sorted({p.parent for t in tasks for p in t.outputs}):
             remove_stale_temporaries(folder)
         todo: List[Tuple[int, Task]] = []
+        refused = []
         for i, task in enumerate(tasks):
-            if not overwrite and task.is_done():
+            if task.refusal:
+                refused.append((i, task))
+            elif not overwrite and task.is_done():
                 outcomes[i] = Outcome(task, "skipped")
             else:
                 todo.append((i, task))
@@ -171,6 +175,8 @@ class Runner:
             self.say(f"error: {task.source}: {reason}")
             bar.update(1)
 
+        for i, task in refused:
+            fail(i, task, task.refusal)
         previous_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         pool = ThreadPoolExecutor(max_workers=self.write_threads, thread_name_prefix="schp-write")
         pending: Deque[Tuple[int, Task, Prepared, float, Future]] = deque()
