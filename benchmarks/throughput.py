@@ -1,0 +1,674 @@
+#!/usr/bin/env python3
+"""Throughput benchmark of simple_extractor.py against the original SCHP pipeline, on the CPU.
+
+What it measures, in one run on this machine:
+
+* the fp32 matmul rate (best 2048x2048 torch.mm over ~3 s, torch's default threads) and from it the
+  "floor": the network's FLOP count (174.6 GFLOP for pascal/atr at 512x512, 153 GFLOP for lip at 473)
+  divided by that rate, i.e. the seconds per image if every FLOP ran at matmul speed;
+* the baseline: tests/original_pipeline.run_original, one image at a time in this process (model loaded
+  once, load excluded), timing decode + warp + forward + inverse warp + argmax + writing the palette PNG
+  with PIL like the original; mean over the images after one warm-up image;
+* a cold start-up (empty SCHP_CACHE_DIR: the CLI converts the legacy checkpoint to its cached zip copy)
+  and a warm one (cache filled), each on a single image;
+* every CLI configuration, as a subprocess
+  ``simple_extractor.py --dataset D --model-restore CKPT --input-dir IMGS --output-dir OUT --quiet <config>``
+  under ``/usr/bin/time -v`` with the (already filled) cache: wall time, time from process start to the
+  first output PNG (output folder polled every 20 ms), steady-state seconds per image, images/s, peak RSS,
+  the ratios to the floor and to the baseline, and the share of label pixels equal to those of the
+  fp32 batch-1 configuration (and of the baseline).
+
+The machine may be shared: every measurement notes the CPU time other processes used meanwhile
+(/proc/stat minus our own and the CLI's rusage), waits first for the CPU to be idle (--wait-idle), re-runs
+a disturbed CLI configuration (--retries, the least disturbed run is kept) and flags what stayed disturbed.
+
+Steady state per image: the brief's ``(t_last - t_first) / (N - 1)`` ("naive" column) under-counts
+batched runs, whose first output only appears after a whole batch of B forwards; the main column is
+``(t[N-1] - t[B-1]) / (N - B)`` with the output times sorted, i.e. from the end of the first batch to the
+end of the last one, which equals the naive figure when B = 1.
+
+Inputs are N seeded, render-like 1024x1024 RGB PNGs (a clothed, person-like figure on black, like the
+IntegratedPIFu renders) and a synthetic checkpoint (tests/data/synth_checkpoint.py, legacy released
+format) unless --checkpoint is given. Everything goes to a temporary folder removed at the end.
+
+Rerun (from the repository root; takes several minutes on 2 cores with the defaults):
+
+    python benchmarks/throughput.py --out results.json
+    python benchmarks/throughput.py --images 6 --skip-baseline \\
+        --configs "fp32 --batch-size 2" "--precision bf16 --batch-size 2 --num-workers 2"
+
+A config string is passed to the CLI as-is (shell-split); a leading bare fp32/bf16/fp16 is short for
+``--precision fp32`` etc. Exit status: 0 if every run succeeded, 1 if any failed, 2 on a setup error.
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = ROOT / "simple_extractor.py"
+SYNTH = ROOT / "tests" / "data" / "synth_checkpoint.py"
+ORIGINAL = ROOT / "tests" / "original_pipeline.py"
+
+GFLOP = {"pascal": 174.6, "lip": 153.0, "atr": 174.8}  # per image; atr = pascal + its wider classifiers
+NUM_CLASSES = {"pascal": 7, "lip": 20, "atr": 18}
+DEFAULT_CONFIGS = ["fp32 --batch-size 1 --num-workers 1",
+                   "fp32 --batch-size 4 --num-workers 2",
+                   "bf16 --batch-size 4 --num-workers 2"]
+POLL = 0.02  # s, output-folder polling period
+PSS_EVERY = 0.5  # s, process-tree memory sampling period
+GNU_TIME = "/usr/bin/time"
+LOAD_WARN = 0.1  # cores of foreign CPU use above which a measurement is flagged
+
+
+class BenchError(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- machine
+def machine_info():
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+        isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    except OSError:
+        isa = []
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        commit = (commit + ("+uncommitted changes" if dirty else "")) or "unknown"
+    except OSError:
+        commit = "unknown"
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu, "isa": isa, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "opencv": cv2.__version__, "numpy": np.__version__,
+        "repo_commit": commit,
+    }
+
+
+def matmul_rate(dtype=torch.float32, seconds=3.0, n=2048):
+    """Best-of GFLOP/s of an n x n x n torch.mm repeated for ~`seconds` (torch's default threads)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    c = torch.empty(n, n, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b, out=c)
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 3:
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        times.append(time.perf_counter() - t0)
+    flop = 2.0 * n ** 3
+    return {"best_gflops": flop / min(times) / 1e9, "median_gflops": flop / statistics.median(times) / 1e9,
+            "calls": len(times)}
+
+
+def conv_rate(seconds=3.0):
+    """Best-of fp32 GFLOP/s of a 3x3 256->256 convolution on 128x128, channels-last (oneDNN's path).
+
+    torch.mm goes through MKL, which may run below what oneDNN's convolutions reach on the same cores
+    (on AMD CPUs MKL does not take its AVX-512 path), so the matmul floor can be no floor at all."""
+    x = torch.randn(1, 256, 128, 128).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.no_grad():
+        for _ in range(2):
+            torch.nn.functional.conv2d(x, w, padding=1)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 3:
+            t0 = time.perf_counter()
+            torch.nn.functional.conv2d(x, w, padding=1)
+            times.append(time.perf_counter() - t0)
+    flop = 2.0 * 256 * 256 * 9 * 128 * 128
+    return {"best_gflops": flop / min(times) / 1e9, "median_gflops": flop / statistics.median(times) / 1e9,
+            "calls": len(times)}
+
+
+def cpu_snapshot():
+    """(busy CPU seconds of the whole machine, CPU seconds of this process) -- to spot other load."""
+    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait (guest time is within user)
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return busy / os.sysconf("SC_CLK_TCK"), me.ru_utime + me.ru_stime
+
+
+def other_load(start, seconds, child_cpu=0.0):
+    """Mean number of cores kept busy by processes other than this one and its measured child."""
+    busy, mine = cpu_snapshot()
+    return max(0.0, (busy - start[0]) - (mine - start[1]) - child_cpu) / seconds if seconds > 0 else 0.0
+
+
+def wait_idle(max_wait, what):
+    """Wait (up to `max_wait` s) for a 1-s window in which other processes use < LOAD_WARN cores."""
+    deadline, said = time.monotonic() + max_wait, False
+    while True:
+        snap, t0 = cpu_snapshot(), time.perf_counter()
+        time.sleep(1.0)
+        load = other_load(snap, time.perf_counter() - t0)
+        if load < LOAD_WARN:
+            return True
+        if time.monotonic() >= deadline:
+            print(f"  (machine still busy, {load:.2f} cores used by others; measuring {what} anyway)", flush=True)
+            return False
+        if not said:
+            print(f"  (other processes use {load:.2f} cores; waiting up to {max_wait:.0f} s before {what})",
+                  flush=True)
+            said = True
+
+
+# ----------------------------------------------------------------------------- inputs
+def render_like_image(seed, size=1024):
+    """A clothed, person-like figure on black (RGB uint8), shaded and noisy, deterministic per seed."""
+    rng = np.random.default_rng([2024, seed])
+    s = size / 1024.0
+    img = np.zeros((size, size, 3), np.uint8)
+    skin = tuple(int(v) for v in rng.integers([150, 110, 80], [240, 190, 160]))
+    hair = tuple(int(v) for v in rng.integers(10, 90, 3))
+    shirt = tuple(int(v) for v in rng.integers(30, 230, 3))
+    pants = tuple(int(v) for v in rng.integers(20, 160, 3))
+    shoes = tuple(int(v) for v in rng.integers(0, 60, 3))
+    cx = size / 2 + rng.uniform(-60, 60) * s
+    top = rng.uniform(40, 90) * s
+    P = lambda x, y: (int(round(x)), int(round(y)))  # noqa: E731
+    head_y = top + 65 * s
+    neck_y, hip_y, knee_y, foot_y = top + 140 * s, top + 480 * s, top + 690 * s, top + 890 * s
+    sh_l, sh_r = (cx - 105 * s, top + 165 * s), (cx + 105 * s, top + 165 * s)
+    # legs (pants, then shoes), slightly spread
+    for side in (-1, 1):
+        hip = (cx + side * 55 * s, hip_y)
+        knee = (cx + side * rng.uniform(55, 95) * s, knee_y)
+        foot = (cx + side * rng.uniform(50, 120) * s, foot_y)
+        cv2.line(img, P(*hip), P(*knee), pants, int(80 * s))
+        cv2.line(img, P(*knee), P(*foot), pants, int(62 * s))
+        cv2.ellipse(img, P(foot[0] + side * 15 * s, foot[1] + 20 * s), P(48 * s, 22 * s), 0, 0, 360, shoes, -1)
+    # torso: a trapezoid shirt over the hips
+    torso = np.array([P(*sh_l), P(*sh_r), P(cx + 85 * s, hip_y + 20 * s), P(cx - 85 * s, hip_y + 20 * s)])
+    cv2.fillConvexPoly(img, torso, shirt)
+    # arms: sleeve on the upper arm, skin below, random pose
+    for side, shoulder in ((-1, sh_l), (1, sh_r)):
+        a1 = np.deg2rad(rng.uniform(10, 60))
+        a2 = a1 + np.deg2rad(rng.uniform(-30, 40))
+        elbow = (shoulder[0] + side * 170 * s * np.sin(a1), shoulder[1] + 170 * s * np.cos(a1))
+        hand = (elbow[0] + side * 160 * s * np.sin(a2), elbow[1] + 160 * s * np.cos(a2))
+        cv2.line(img, P(*shoulder), P(*elbow), shirt, int(52 * s))
+        cv2.line(img, P(*elbow), P(*hand), skin, int(40 * s))
+        cv2.circle(img, P(*hand), int(26 * s), skin, -1)
+    # neck, head, hair
+    cv2.line(img, P(cx, head_y + 40 * s), P(cx, neck_y + 20 * s), skin, int(46 * s))
+    cv2.ellipse(img, P(cx, head_y), P(52 * s, 66 * s), 0, 0, 360, skin, -1)
+    cv2.ellipse(img, P(cx, head_y - 12 * s), P(56 * s, 60 * s), 0, 180, 360, hair, -1)
+    # shading (a soft light from one side), texture noise, anti-aliased edges; background stays black
+    mask = img.any(axis=2)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    light = 0.75 + 0.35 * np.cos(np.pi * (xx - rng.uniform(0.2, 0.8))) - 0.15 * yy
+    noisy = img.astype(np.float32) * light[..., None] + rng.normal(0, 8, img.shape)
+    noisy[~mask] = 0
+    img = cv2.GaussianBlur(np.clip(noisy, 0, 255).astype(np.uint8), (3, 3), 0)
+    return img  # RGB
+
+
+def make_images(folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"rendered_image_{i:03d}.png"
+        if not cv2.imwrite(str(path), cv2.cvtColor(render_like_image(i), cv2.COLOR_RGB2BGR)):
+            raise BenchError(f"cannot write {path}")
+        paths.append(path)
+    return paths
+
+
+def make_checkpoint(path, dataset):
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, str(SYNTH), str(path), "--dataset", dataset], cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"synth_checkpoint.py failed (exit {done.returncode}):\n{done.stderr}")
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- baseline
+def run_baseline(images, checkpoint, dataset, out_dir):
+    """Mean seconds per image of the original pipeline (model loaded once), after one warm-up image."""
+    spec = importlib.util.spec_from_file_location("original_pipeline", ORIGINAL)
+    original = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(original)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = original.load_model(str(checkpoint), NUM_CLASSES[dataset])
+    load = time.perf_counter() - t0
+    palette = original.get_palette(NUM_CLASSES[dataset])
+    times = []
+    snap, start = cpu_snapshot(), time.perf_counter()
+    for path in images:
+        t0 = time.perf_counter()
+        labels, _ = original.run_original(str(path), str(checkpoint), dataset, model=model)
+        out = Image.fromarray(np.asarray(labels, dtype=np.uint8))
+        out.putpalette(palette)
+        out.save(out_dir / f"{path.stem}.png")
+        times.append(time.perf_counter() - t0)
+        print(f"  baseline {path.name}: {times[-1]:.2f} s", flush=True)
+    load_other = other_load(snap, time.perf_counter() - start)
+    del model
+    measured = times[1:] if len(times) > 1 else times
+    return {"seconds_per_image": statistics.mean(measured), "median_seconds_per_image": statistics.median(measured), "per_image": times, "warmup_excluded": len(times) > 1,
+            "model_load_seconds": load, "other_load_cores": load_other}
+
+
+# ----------------------------------------------------------------------------- CLI runs
+def parse_config(text):
+    """Config string -> (CLI args, precision, batch size); a leading bare precision means --precision."""
+    args = shlex.split(text)
+    if args and args[0] in ("fp32", "bf16", "fp16"):
+        args = ["--precision", args[0]] + args[1:]
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1)
+    known, _ = p.parse_known_args(args)
+    return args, known.precision, max(1, known.batch_size)
+
+
+def _process_tree(root_pid):
+    parents = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = open(f"/proc/{entry.name}/stat").read()
+                parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(parents.get(pid, []))
+    return tree
+
+
+def tree_pss_kib(root_pid):
+    """Sum of the proportional set sizes of a process and its descendants (shared pages split), KiB."""
+    total = 0
+    for pid in _process_tree(root_pid):
+        try:
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def _scan(folder, seen, now):
+    try:
+        for entry in os.scandir(folder):
+            # finished outputs only: the CLI writes hidden temporaries, then renames them
+            if entry.name.endswith(".png") and not entry.name.startswith(".") and entry.name not in seen:
+                seen[entry.name] = now
+    except FileNotFoundError:
+        pass
+
+
+def _stop(proc):
+    """Terminate a still running CLI (its own session), then kill it if it lingers."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        end = time.monotonic() + grace
+        while time.monotonic() < end:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                return
+            time.sleep(0.05)
+
+
+def run_cli(label, cli_args, dataset, checkpoint, input_dir, out_dir, cache_dir, logs_dir, n_expected,
+            batch_size, timeout):
+    """One CLI run, polled from here; returns the timing/memory record (raises BenchError on failure)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(CLI), "--dataset", dataset, "--model-restore", str(checkpoint),
+           "--input-dir", str(input_dir), "--output-dir", str(out_dir), "--quiet"] + cli_args
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
+    time_file, log_file = logs_dir / f"{slug}.time", logs_dir / f"{slug}.log"
+    use_time = os.access(GNU_TIME, os.X_OK)
+    full = ([GNU_TIME, "-v", "-o", str(time_file)] if use_time else []) + cmd
+    env = dict(os.environ, SCHP_CACHE_DIR=str(cache_dir))
+    seen, pss_peak = {}, 0
+    with open(log_file, "w+") as log:
+        snap = cpu_snapshot()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(full, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        next_sample = t0
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                now = time.perf_counter()
+                _scan(out_dir, seen, now)
+                if pid:
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    break
+                if now >= next_sample:
+                    pss_peak = max(pss_peak, tree_pss_kib(proc.pid))
+                    next_sample = now + PSS_EVERY
+                if now - t0 > timeout:
+                    _stop(proc)
+                    raise BenchError(f"{label}: no exit after {timeout:.0f} s, stopped")
+                time.sleep(POLL)
+        except BaseException:
+            if proc.returncode is None:
+                _stop(proc)
+            raise
+        wall = time.perf_counter() - t0
+        log.seek(0)
+        output = log.read()
+    if proc.returncode != 0:
+        raise BenchError(f"{label}: the CLI exited with status {proc.returncode}\n  command: "
+                         f"{shlex.join(cmd)}\n  its output:\n" + "\n".join("    " + l for l in output.splitlines()))
+    if len(seen) != n_expected:
+        raise BenchError(f"{label}: expected {n_expected} output PNGs, found {len(seen)}\n  its output:\n{output}")
+    rss_kib, rss_source = None, None
+    if use_time and time_file.exists():
+        match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_file.read_text())
+        if match:
+            rss_kib, rss_source = int(match.group(1)), "/usr/bin/time -v"
+    if rss_kib is None:  # wait4's rusage of this one child: like RUSAGE_CHILDREN, but per run
+        rss_kib, rss_source = usage.ru_maxrss, "wait4 rusage"
+    times = sorted(t - t0 for t in seen.values())
+    n = len(times)
+    record = {
+        "label": label, "args": cli_args, "batch_size": batch_size, "images": n, "wall_seconds": wall,
+        "first_output_seconds": times[0], "output_times": times,
+        "per_image_naive": (times[-1] - times[0]) / (n - 1) if n > 1 else None,
+        "per_image": (times[-1] - times[batch_size - 1]) / (n - batch_size) if n > batch_size else None,
+        "images_per_second_wall": n / wall, "peak_rss_mib": rss_kib / 1024, "peak_rss_source": rss_source,
+        "peak_tree_pss_mib": pss_peak / 1024 or None, "cli_output": output.strip(),
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "other_load_cores": other_load(snap, wall, usage.ru_utime + usage.ru_stime),
+    }
+    if record["per_image"] is None:  # fewer images than a batch: no steady state to speak of
+        record["per_image"] = record["per_image_naive"]
+    record["images_per_second_steady"] = 1.0 / record["per_image"] if record["per_image"] else None
+    return record
+
+
+def agreement(dir_a, dir_b, names):
+    """Fraction of equal label pixels over all images (PNG palette indices)."""
+    equal = total = 0
+    for name in names:
+        a = np.asarray(Image.open(dir_a / name))
+        b = np.asarray(Image.open(dir_b / name))
+        if a.shape != b.shape:
+            raise BenchError(f"{name}: shapes differ, {a.shape} vs {b.shape}")
+        equal += int((a == b).sum())
+        total += a.size
+    return equal / total
+
+
+# ----------------------------------------------------------------------------- report
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(headers, rows):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    print(line(headers))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line(row))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--images", type=int, default=12, help="number of 1024x1024 test images (>= 2)")
+    ap.add_argument("--dataset", default="pascal", choices=sorted(GFLOP))
+    ap.add_argument("--checkpoint", type=Path, help="checkpoint to use instead of a fresh synthetic one")
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="ARGS",
+                    help="CLI argument strings, one per configuration")
+    ap.add_argument("--skip-baseline", action="store_true", help="do not time the original pipeline")
+    ap.add_argument("--out", type=Path, help="write every number to this JSON file")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per CLI run")
+    ap.add_argument("--wait-idle", type=float, default=120, metavar="SECONDS",
+                    help="before each measurement wait up to this long for other processes to leave the CPU")
+    ap.add_argument("--retries", type=int, default=2,
+                    help="re-run a CLI configuration up to this many times when other processes used the CPU "
+                         "during it; the least disturbed run is kept")
+    ap.add_argument("--keep-temp", action="store_true", help="keep the temporary folder (printed)")
+    a = ap.parse_args()
+    if a.images < 2:
+        ap.error("--images must be at least 2")
+    if a.checkpoint is not None and not a.checkpoint.is_file():
+        ap.error(f"--checkpoint {a.checkpoint}: no such file")
+
+    work = Path(tempfile.mkdtemp(prefix="schp-throughput-"))
+    try:
+        return run(a, work)
+    except BenchError as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        if a.keep_temp:
+            print(f"temporary files kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(a, work):
+    results = {"machine": machine_info(), "dataset": a.dataset, "images": a.images,
+               "gflop_per_image": GFLOP[a.dataset]}
+    m = results["machine"]
+    print(f"SCHP simple_extractor throughput -- {m['date']}")
+    print(f"machine: {m['cpu']} ({' '.join(m['isa'])}), {m['cores']} cores ({m['usable_cores']} usable), "
+          f"{m['memory_gib']} GiB")
+    print(f"software: python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads), "
+          f"opencv {m['opencv']}, numpy {m['numpy']}; repo {m['repo_commit']}")
+    print(f"workload: {a.images} render-like 1024x1024 PNGs, dataset {a.dataset} "
+          f"({GFLOP[a.dataset]} GFLOP per image)\n", flush=True)
+
+    images_dir = work / "images"
+    images = make_images(images_dir, a.images)
+    names = [p.stem + ".png" for p in images]
+    if a.checkpoint:
+        checkpoint = a.checkpoint.resolve()
+        print(f"checkpoint: {checkpoint}")
+    else:
+        checkpoint = work / f"synthetic-{a.dataset}.pth"
+        print(f"checkpoint: synthetic {a.dataset}, legacy format, made in {make_checkpoint(checkpoint, a.dataset):.1f} s")
+    results["checkpoint"] = str(checkpoint) if a.checkpoint else "synthetic (tests/data/synth_checkpoint.py)"
+
+    wait_idle(a.wait_idle, "the matmul/conv rates")
+    snap, start = cpu_snapshot(), time.perf_counter()
+    rate = matmul_rate(torch.float32)
+    rate_bf16 = matmul_rate(torch.bfloat16, seconds=1.5)
+    rate_conv = conv_rate()
+    results["rates_other_load_cores"] = other_load(snap, time.perf_counter() - start)
+    floor = GFLOP[a.dataset] / rate["best_gflops"]
+    conv_floor = GFLOP[a.dataset] / rate_conv["best_gflops"]
+    results.update(matmul_fp32=rate, matmul_bf16=rate_bf16, conv3x3_fp32=rate_conv, floor_seconds_per_image=floor,
+                   conv_floor_seconds_per_image=conv_floor)
+    print(f"matmul 2048^3: fp32 best {rate['best_gflops']:.1f} GFLOP/s (median {rate['median_gflops']:.1f}); "
+          f"bf16 best {rate_bf16['best_gflops']:.1f} GFLOP/s (for reference)")
+    print(f"conv 3x3 256->256 128x128 channels-last: fp32 best {rate_conv['best_gflops']:.1f} GFLOP/s "
+          f"(median {rate_conv['median_gflops']:.1f})")
+    print(f"floor = {GFLOP[a.dataset]} GFLOP / {rate['best_gflops']:.1f} GFLOP/s = {floor:.3f} s per image (fp32 matmul); "
+          f"conv floor = {conv_floor:.3f} s per image\n", flush=True)
+
+    baseline = None
+    if not a.skip_baseline:
+        print("baseline: tests/original_pipeline.run_original, one image at a time", flush=True)
+        attempts = []
+        for attempt in range(1 + max(0, a.retries)):
+            wait_idle(a.wait_idle, "the baseline")
+            new = run_baseline(images, checkpoint, a.dataset, work / "out-baseline")
+            attempts.append({k: new[k] for k in ("seconds_per_image", "other_load_cores")})
+            if baseline is None or new["other_load_cores"] < baseline["other_load_cores"]:
+                baseline = new
+            if new["other_load_cores"] < LOAD_WARN:
+                break
+            print(f"  attempt {attempt + 1} disturbed ({new['other_load_cores']:.2f} cores used by others: "
+                  f"{new['seconds_per_image']:.3f} s per image)", flush=True)
+        baseline["attempts"] = attempts
+        results["baseline"] = baseline
+        print(f"baseline: {baseline['seconds_per_image']:.3f} s per image (mean of {len(images) - 1} after a "
+              f"warm-up; model load {baseline['model_load_seconds']:.1f} s, excluded)\n", flush=True)
+    torch.set_num_threads(1)  # this process only polls from here on
+
+    logs, cache = work / "logs", work / "cache"
+    logs.mkdir()
+    configs = [(text, *parse_config(text)) for text in a.configs]
+    one_dir = work / "one-image"
+    one_dir.mkdir()
+    shutil.copy2(images[0], one_dir / images[0].name)
+    first_args, _, first_batch = configs[0][1], configs[0][2], configs[0][3]
+    startup = {}
+    for kind in ("cold", "warm"):
+        note = "empty cache: converts the checkpoint" if kind == "cold" else "cache filled"
+        print(f"start-up, {kind} ({note}), 1 image, {shlex.join(first_args)} ...", flush=True)
+        wait_idle(a.wait_idle, f"the {kind} start-up")
+        rec = run_cli(f"startup-{kind}", first_args, a.dataset, checkpoint, one_dir, work / f"out-startup-{kind}",
+                      cache, logs, 1, first_batch, a.timeout)
+        startup[kind] = {k: rec[k] for k in ("wall_seconds", "first_output_seconds", "peak_rss_mib",
+                                             "peak_tree_pss_mib", "other_load_cores")}
+        print(f"  first output after {rec['first_output_seconds']:.2f} s, exit after {rec['wall_seconds']:.2f} s, "
+              f"peak RSS {rec['peak_rss_mib']:.0f} MiB", flush=True)
+    startup["cache_files"] = {p.name: p.stat().st_size for p in cache.iterdir()} if cache.exists() else {}
+    results["startup"] = startup
+    print()
+
+    runs, failures = [], []
+    for i, (text, cli_args, precision, batch) in enumerate(configs):
+        print(f"config {i + 1}/{len(configs)}: {shlex.join(cli_args)} ...", flush=True)
+        try:
+            rec, attempts = None, []
+            for attempt in range(1 + max(0, a.retries)):
+                wait_idle(a.wait_idle, "this configuration")
+                out_dir = work / f"out-{i}-{attempt}"
+                new = run_cli(text, cli_args, a.dataset, checkpoint, images_dir, out_dir, cache, logs,
+                              len(images), batch, a.timeout)
+                new["out_dir"] = out_dir
+                attempts.append({k: new[k] for k in ("wall_seconds", "per_image", "other_load_cores")})
+                if rec is None or new["other_load_cores"] < rec["other_load_cores"]:
+                    rec = new
+                if new["other_load_cores"] < LOAD_WARN:
+                    break
+                print(f"  attempt {attempt + 1} disturbed ({new['other_load_cores']:.2f} cores used by others: "
+                      f"{new['per_image']:.3f} s per image)", flush=True)
+            rec["attempts"] = attempts
+        except BenchError as err:
+            print(f"  FAILED: {err}", file=sys.stderr, flush=True)
+            failures.append(text)
+            runs.append({"label": text, "args": cli_args, "failed": str(err), "out_dir": None})
+            continue
+        rec.update(precision=precision)
+        rec["x_floor"] = rec["per_image"] / floor
+        rec["x_conv_floor"] = rec["per_image"] / conv_floor
+        rec["x_baseline"] = rec["per_image"] / baseline["seconds_per_image"] if baseline else None
+        runs.append(rec)
+        print(f"  wall {rec['wall_seconds']:.1f} s, first output {rec['first_output_seconds']:.2f} s, "
+              f"{rec['per_image']:.3f} s per image steady; other load {rec['other_load_cores']:.2f} cores",
+              flush=True)
+
+    ok = [r for r in runs if "failed" not in r]
+    reference = next((r for r in ok if r["precision"] == "fp32" and r["batch_size"] == 1), ok[0] if ok else None)
+    for r in ok:
+        r["agreement_vs_reference"] = agreement(reference["out_dir"], r["out_dir"], names)
+        r["agreement_vs_baseline"] = agreement(work / "out-baseline", r["out_dir"], names) if baseline else None
+    results["reference_config"] = reference["label"] if reference else None
+
+    # ------------------------------------------------------------------ the table
+    print("\n" + "=" * 100)
+    print(f"SCHP simple_extractor throughput, {a.images} x 1024x1024, {a.dataset}, {m['date']}")
+    print(f"{m['cpu']}, {m['usable_cores']} cores, torch {m['torch']}, opencv {m['opencv']}, repo {m['repo_commit']}")
+    print(f"fp32 matmul {rate['best_gflops']:.1f} GFLOP/s -> floor {floor:.3f} s/img;  fp32 3x3 conv "
+          f"{rate_conv['best_gflops']:.1f} GFLOP/s -> conv floor {conv_floor:.3f} s/img;  "
+          f"bf16 matmul {rate_bf16['best_gflops']:.1f} GFLOP/s")
+    if baseline:
+        print(f"baseline (original pipeline, 1 image at a time): {baseline['seconds_per_image']:.3f} s/img "
+              f"= {baseline['seconds_per_image'] / floor:.2f} x floor")
+    print(f"start-up to first output (1 image): cold {startup['cold']['first_output_seconds']:.2f} s "
+          f"(includes checkpoint conversion), warm {startup['warm']['first_output_seconds']:.2f} s\n")
+    headers = ["config", "wall s", "1st out s", "s/img", "naive s/img", "img/s wall", "img/s steady",
+               "x floor", "x conv floor", "x baseline"]
+    rows = []
+    for r in runs:
+        if "failed" in r:
+            rows.append([r["label"], "FAILED"] + [""] * (len(headers) - 2))
+            continue
+        rows.append([r["label"], fmt(r["wall_seconds"], ".1f"), fmt(r["first_output_seconds"], ".2f"),
+                     fmt(r["per_image"], ".3f"), fmt(r["per_image_naive"], ".3f"),
+                     fmt(r["images_per_second_wall"], ".3f"), fmt(r["images_per_second_steady"], ".3f"),
+                     fmt(r["x_floor"], ".2f"), fmt(r["x_conv_floor"], ".2f"), fmt(r["x_baseline"], ".2f")])
+    print_table(headers, rows)
+    print()
+    headers = ["config", "peak RSS MiB", "tree PSS MiB", "agree vs ref", "agree vs baseline", "other load"]
+    rows = [[r["label"], "FAILED", "", "", "", ""] if "failed" in r else
+            [r["label"], fmt(r["peak_rss_mib"], ".0f"), fmt(r["peak_tree_pss_mib"], ".0f"),
+             fmt(100 * r["agreement_vs_reference"], ".4f") + "%",
+             fmt(r["agreement_vs_baseline"] and 100 * r["agreement_vs_baseline"], ".4f") + ("%" if baseline else ""),
+             fmt(r["other_load_cores"], ".2f")]
+            for r in runs]
+    print_table(headers, rows)
+    print(f"\ns/img = steady state (t[N-1] - t[B-1]) / (N - B) over sorted output times; naive = (last - first) / (N - 1)."
+          f"\n1st out = process start to first PNG, warm cache. peak RSS = largest single process "
+          f"({ok[0]['peak_rss_source'] if ok else '-'});\ntree PSS = sampled peak of the CLI and its workers "
+          f"together, shared pages split. ref = {results['reference_config']}.\n"
+          f"x floor = s/img / matmul floor (the brief's); x conv floor = s/img / (GFLOP / 3x3-conv rate).\n"
+          f"other load = cores kept busy by processes outside the measurement (from /proc/stat), mean over the run.")
+    loads = [("matmul/conv rates", results["rates_other_load_cores"])]
+    loads += [("baseline", baseline["other_load_cores"])] if baseline else []
+    loads += [(f"{kind} start-up", startup[kind]["other_load_cores"]) for kind in ("cold", "warm")]
+    loads += [(r["label"], r["other_load_cores"]) for r in ok]
+    busy = [f"{name} ({value:.2f} cores)" for name, value in loads if value > LOAD_WARN]
+    if busy:
+        print(f"\nWARNING: other processes used the CPU during: {'; '.join(busy)} -- those numbers are "
+              f"pessimistic; rerun on an idle machine.")
+    if failures:
+        print(f"\nFAILED configs: {', '.join(failures)} (their output is printed above)")
+
+    if a.out:
+        for r in runs:
+            r["out_dir"] = str(r["out_dir"]) if r["out_dir"] else None
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(results | {"configs": runs}, indent=1) + "\n")
+        print(f"numbers written to {a.out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
