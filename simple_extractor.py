@@ -254,4 +254,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # during start-up; the run itself reports and exits 130 on its own
+        print("interrupted before any input was processed", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

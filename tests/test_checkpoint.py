@@ -120,3 +120,26 @@ def test_plain_pickle_is_refused(tmp_path):
     with pytest.raises(CheckpointError):
         read_state_dict(path)
     assert not marker.exists()
+
+
+def test_missing_released_checkpoint_without_network_fails_fast_with_url_and_path(run_cli, tmp_path,
+                                                                                 monkeypatch):
+    import time
+
+    from PIL import Image
+
+    # a proxy that refuses every connection: a real network failure on any machine, online or not
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.new("RGB", (8, 8)).save(inputs / "a.png")
+    target = tmp_path / "ckpts" / PASCAL.checkpoint
+    start = time.monotonic()
+    code, _, err = run_cli("--model-restore", target, "--input-dir", inputs, "--output-dir", tmp_path / "out")
+    assert time.monotonic() - start < 30
+    assert code == 2
+    assert PASCAL.url in err and str(target) in err
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no partial download left

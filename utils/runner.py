@@ -100,7 +100,22 @@ def finish(task: Task, item: Prepared, parser: HumanParser, palette: Sequence[in
         save_label_png(labels, palette, task.png)
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the main process dies (kill -9 included).
+
+    Otherwise an orphaned DataLoader worker can block forever flushing its result queue into a pipe
+    nobody reads, holding the caller's stderr open.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def _worker_init(_: int) -> None:
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops us
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
@@ -205,7 +220,12 @@ class Runner:
                         fail(*todo[item.index], item.error, item)
                 good = [item for item in items if item.error is None]
                 if good:
-                    self._submit(good, todo, pending, t0, pool)
+                    try:
+                        self._submit(good, todo, pending, t0, pool)
+                    except (RuntimeError, MemoryError) as err:  # e.g. CUDA out of memory: this batch only
+                        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                        for item in good:
+                            fail(*todo[item.index], f"inference failed: {reason}", item)
                 collect(block_beyond=2 * self.batch_size)
                 if report.stopped_reason:
                     break
@@ -213,6 +233,9 @@ class Runner:
         except KeyboardInterrupt:
             report.interrupted = True
             self.say("interrupted: finishing the outputs in flight, then stopping")
+            collect(block_beyond=0)
+        except RuntimeError as err:  # the DataLoader lost a worker (killed, out of memory)
+            report.stopped_reason = f"input pipeline failed: {str(err).splitlines()[0]}"
             collect(block_beyond=0)
         finally:
             pool.shutdown(wait=True)
