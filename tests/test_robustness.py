@@ -1,4 +1,5 @@
 """Nothing lost, nothing run: bad inputs, interruptions, write failures and huge images (issue 4)."""
+import json
 import os
 import resource
 import signal
@@ -134,8 +135,13 @@ def wait_for(predicate, timeout=120.0):
     return False
 
 
+def final_pngs(folder):
+    """PNGs under their final names (pathlib's glob also matches the hidden temporaries)."""
+    return sorted(p for p in Path(folder).glob("*.png") if not p.name.startswith("."))
+
+
 def label_maps(folder):
-    return {p.name: np.array(Image.open(p)) for p in sorted(Path(folder).glob("*.png"))}
+    return {p.name: np.array(Image.open(p)) for p in final_pngs(folder)}
 
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
@@ -145,8 +151,10 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes_to_the_same_result(c
     base = CLI + ["--model-restore", str(checkpoints("pascal")), "--input-dir", str(inputs), "--quiet",
                   "--logits"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(base + ["--output-dir", str(out)], stderr=subprocess.PIPE, text=True, env=env)
-    assert wait_for(lambda: len(list(out.glob("*.png"))) >= 1)
+    summary = tmp_path / "run.json"
+    proc = subprocess.Popen(base + ["--output-dir", str(out), "--summary", str(summary)], stderr=subprocess.PIPE,
+                            text=True, env=env)
+    assert wait_for(lambda: len(final_pngs(out)) >= 1)
     proc.send_signal(how)
     start = time.monotonic()
     _, err = proc.communicate(timeout=60)
@@ -155,7 +163,10 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes_to_the_same_result(c
         assert proc.returncode == 130, err
         assert "interrupted" in err and "run again to resume" in err
         assert not partial_files(out)
-    done = {p.name for p in out.glob("*.png")}
+        manifest = json.loads(summary.read_text())  # written also when interrupted
+        assert manifest["interrupted"] is True
+        assert manifest["totals"]["processed"] + manifest["totals"]["not-run"] == 6
+    done = {p.name for p in final_pngs(out)}
     assert 1 <= len(done) <= 6
     for name in done:  # whatever carries a final name is complete
         assert np.array(Image.open(out / name)).shape == (120, 160)
