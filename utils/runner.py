@@ -149,19 +149,25 @@ class Runner:
         self.quiet, self.write_threads = quiet, write_threads
 
     def _submit(self, good: List[Prepared], todo, pending, t0: float, pool: ThreadPoolExecutor) -> None:
-        """Forward pass of a batch, then hand each image to a writer thread."""
+        """Forward pass of a batch, then hand each image to a writer thread.
+
+        Everything that can fail for the whole batch (forward, device post-processing) runs before
+        anything is queued, so a failure leaves no image of the batch half-reported.
+        """
         logits = self.parser.logits(torch.from_numpy(np.stack([item.image for item in good])))
         host = None
+        works = []
         for k, item in enumerate(good):
-            i, task = todo[item.index]
-            if self.parser.postprocess_on_device and task.logits is None:
-                labels = self.parser.labels(logits[k], item.center, item.scale, item.width, item.height)
-                work = dict(labels=labels)
+            if self.parser.postprocess_on_device and todo[item.index][1].logits is None:
+                works.append(dict(labels=self.parser.labels(logits[k], item.center, item.scale, item.width,
+                                                            item.height)))
             else:
                 if host is None:
                     host = logits.permute(0, 2, 3, 1).cpu().numpy()  # N x in_h x in_w x C
-                work = dict(logits=host[k])
-            share = (time.perf_counter() - t0) / len(good)
+                works.append(dict(logits=host[k]))
+        share = (time.perf_counter() - t0) / len(good)
+        for item, work in zip(good, works):
+            i, task = todo[item.index]
             pending.append((i, task, item, share, pool.submit(finish, task, item, self.parser, self.palette, **work)))
 
     def say(self, line: str) -> None:
