@@ -165,9 +165,7 @@ def load_parser(args, spec):
             expected = build_ce2p(spec.num_classes).state_dict()
         check_state_dict(state, expected, spec, path)
         return HumanParser(spec, state, device, args.precision, args.allow_tf32), path
-    except CheckpointError as err:
-        raise SetupError(str(err)) from None
-    except ValueError as err:
+    except (CheckpointError, ValueError) as err:  # ValueError: a precision the device cannot run
         raise SetupError(str(err)) from None
 
 
