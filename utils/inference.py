@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from datasets.catalog import DatasetSpec
 from networks import build_ce2p, fold_abn
-from utils.transforms import output_to_input_map, row_bands, warp_argmax_torch, warp_logits_rows
+from utils.transforms import output_to_input_map, row_bands, warp_argmax_torch, warp_channel_rows
 
 # The input contract of the released models: BGR order, x/255, then per-channel mean/std (B, G, R).
 MEAN_BGR = (0.406, 0.456, 0.485)
@@ -97,15 +97,25 @@ def labels_from_logits(logits: np.ndarray, center: np.ndarray, scale: np.ndarray
                        input_size: Tuple[int, int], logits_out: Optional[np.ndarray] = None) -> np.ndarray:
     """Label map (height x width uint8, argmax, ties to the lowest class) from in_h x in_w x C logits.
 
-    The inverse warp runs in bands of rows so memory stays bounded for any image size; when
-    `logits_out` (height x width x C float32, e.g. a memory-mapped .npy) is given, it is filled too.
+    The inverse warp runs in bands of rows so memory stays bounded for any image size, one channel
+    at a time with a running maximum (a strict `>` keeps the lowest class on ties); when `logits_out`
+    (height x width x C float32, e.g. a memory-mapped .npy) is given, it is filled too.
     """
     out_to_in = output_to_input_map(center, scale, input_size)
-    labels = np.empty((height, width), dtype=np.uint8)
-    rows = max(1, BAND_BYTES // max(1, width * logits.shape[2] * 4))
+    channels = [np.ascontiguousarray(logits[:, :, c]) for c in range(logits.shape[2])]
+    labels = np.zeros((height, width), dtype=np.uint8)
+    rows = max(1, BAND_BYTES // max(1, width * 4 * 3))  # best, current channel, comparison mask
     for start, stop in row_bands(height, rows):
-        band = warp_logits_rows(logits, out_to_in, width, start, stop)
-        labels[start:stop] = band.argmax(axis=2)
-        if logits_out is not None:
-            logits_out[start:stop] = band
+        band_labels = labels[start:stop]
+        best = None
+        for c, channel in enumerate(channels):
+            value = warp_channel_rows(channel, out_to_in, width, start, stop)
+            if logits_out is not None:
+                logits_out[start:stop, :, c] = value
+            if best is None:
+                best = value
+                continue
+            higher = value > best
+            np.copyto(band_labels, c, where=higher)
+            np.maximum(best, value, out=best)
     return labels

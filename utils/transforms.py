@@ -90,29 +90,24 @@ def row_bands(height: int, rows: int) -> Iterator[Tuple[int, int]]:
         yield start, min(start + rows, height)
 
 
-def warp_logits_rows(logits: np.ndarray, out_to_in: np.ndarray, width: int, start: int, stop: int) -> np.ndarray:
-    """Rows start..stop of the inverse-warped logits: in_h x in_w x C float32 -> (stop-start) x width x C.
+def warp_channel_rows(channel: np.ndarray, out_to_in: np.ndarray, width: int, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop of one inverse-warped logit channel: in_h x in_w float32 -> (stop-start) x width.
 
-    Same result as the original's per-channel cv2.warpAffine on the whole image, up to float rounding
-    in the last bit (no effect on the argmax was measured); see tests/test_transforms.py.
+    One channel per call, as the original's transform_logits did; a band is the whole-image warp
+    shifted by `start` rows (identical up to the last float bit, see tests/test_transforms.py).
     """
     band = out_to_in.copy()
     band[:, 2] += band[:, 1] * start
-    channels = logits.shape[2]
-    out = np.empty((stop - start, width, channels), dtype=np.float32)
-    # cv2 warps at most 4 channels per call through its vectorised paths; chunk to stay on them
-    for c0 in range(0, channels, 4):
-        part = cv2.warpAffine(np.ascontiguousarray(logits[:, :, c0:c0 + 4]), band, (width, stop - start),
-                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        out[:, :, c0:c0 + 4] = part.reshape(stop - start, width, -1)
-    return out
+    return cv2.warpAffine(channel, band, (width, stop - start), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def transform_logits(logits: np.ndarray, center: np.ndarray, scale: np.ndarray, width: int, height: int,
                      input_size: Size) -> np.ndarray:
     """The original's inverse warp, whole image: in_h x in_w x C float32 -> height x width x C float32."""
-    return warp_logits_rows(logits, output_to_input_map(center, scale, input_size), width, 0, height)
+    out_to_in = output_to_input_map(center, scale, input_size)
+    return np.stack([warp_channel_rows(np.ascontiguousarray(logits[:, :, c]), out_to_in, width, 0, height)
+                     for c in range(logits.shape[2])], axis=2)
 
 
 def _opencv_taps(position_1024: np.ndarray, source_size: int):
