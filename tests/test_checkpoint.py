@@ -143,3 +143,10 @@ def test_missing_released_checkpoint_without_network_fails_fast_with_url_and_pat
     assert code == 2
     assert PASCAL.url in err and str(target) in err
     assert not target.exists() and list(target.parent.iterdir()) == []  # no partial download left
+
+
+def test_unwritable_cache_falls_back_to_the_original_file(checkpoints, tmp_path):
+    legacy = checkpoints("pascal")
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    assert cached_zip_copy(legacy, tmp_path / "cache") == legacy
+    assert read_state_dict(legacy).keys() == read_state_dict(cached_zip_copy(legacy, tmp_path / "cache")).keys()

@@ -111,14 +111,16 @@ def cached_zip_copy(path: Path, cache_dir: Optional[Path]) -> Path:
     cached = cache_dir / f"{path.stem}-{key}.zip.pth"
     if cached.is_file():
         return cached
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
     try:
         state = read_state_dict(path)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
         torch.save(state, tmp)
         os.replace(tmp, cached)
         return cached
-    except OSError:
+    except (OSError, RuntimeError):  # torch reports a failed write (disk full) as RuntimeError
+        if tmp.exists():
+            tmp.unlink()
         return path
 
 
