@@ -150,7 +150,11 @@ def download_checkpoint(spec: DatasetSpec, path: Path, timeout: float = 30.0) ->
         try:
             gdown.download(id=spec.drive_id, output=str(tmp), quiet=False, timeout=timeout)
         except Exception as err:  # requests/gdown errors of every kind: report, do not crash
+            import requests  # gdown's own dependency
+
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if isinstance(err, requests.exceptions.ConnectionError):
+                reason = "cannot reach drive.google.com: no network connection or a proxy refused it"
             raise CheckpointError(f"could not download the {spec.name} checkpoint ({reason[:200]}); "
                                   + help_text) from None
         if not tmp.is_file():
