@@ -143,3 +143,32 @@ def test_quiet_hides_the_progress_bar_but_not_errors(checkpoints, tmp_path):
     assert "%|" not in quiet.stderr
     assert quiet.stderr.count("error: ") == 1 and "bad.png" in quiet.stderr
     assert quiet.stderr.strip().splitlines()[-1].startswith("done: 1 processed, 0 skipped, 1 failed")
+
+
+def test_device_choice_follows_the_original_gpu_option():
+    import torch
+
+    from utils.inference import select_device
+
+    assert select_device("auto", "None") == torch.device("cpu")
+    assert select_device("cpu", "0") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert select_device("auto", "0") == torch.device("cpu")  # no CUDA: the CPU, not a crash
+        assert select_device("auto", None) == torch.device("cpu")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            select_device("cuda", None)
+    else:
+        assert select_device("auto", "0") == torch.device("cuda:0")
+
+
+def test_cuda_device_without_cuda_is_a_setup_error(checkpoints, run_cli, tmp_path):
+    import torch
+
+    inputs = photos(tmp_path / "in", ["a.jpg"])
+    code, _, err = run_cli("--model-restore", checkpoints("pascal"), "--input-dir", inputs,
+                           "--output-dir", tmp_path / "out", "--gpu", "None")
+    assert code == 0 and (tmp_path / "out" / "a.png").is_file()
+    if not torch.cuda.is_available():
+        code, _, err = run_cli("--model-restore", checkpoints("pascal"), "--input-dir", inputs,
+                               "--output-dir", tmp_path / "out2", "--device", "cuda")
+        assert code == 2 and "CUDA is not available" in err
