@@ -219,13 +219,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(note, file=sys.stderr)
         if args.dry_run:
             for task in plan.tasks:
-                state = "fail" if task.refusal else \
-                    "skip" if task.is_done() and not args.overwrite else "process"
-                print(f"{state}\t{task.source}\t" + "\t".join(str(p) for p in task.outputs))
+                print(f"{task.plan(args.overwrite)}\t{task.source}\t" + "\t".join(str(p) for p in task.outputs))
             return EXIT_OK
         for folder in sorted({p.parent for task in plan.tasks for p in task.outputs}):
             ensure_writable(folder)
-        if all(task.refusal or (task.is_done() and not args.overwrite) for task in plan.tasks):
+        if all(task.plan(args.overwrite) != "process" for task in plan.tasks):
             parser, checkpoint = None, None  # nothing to compute: no need to load the model
         else:
             parser, checkpoint = load_parser(args, spec)

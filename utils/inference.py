@@ -85,7 +85,6 @@ class HumanParser:
             fusion = self.model(x).fusion
         return F.interpolate(fusion.float(), size=self.spec.input_size, mode="bilinear", align_corners=True)
 
-
     def labels(self, logits: torch.Tensor, center: np.ndarray, scale: np.ndarray, width: int,
                height: int) -> np.ndarray:
         """height x width uint8 label map from one image's C x in_h x in_w logits, on the device."""

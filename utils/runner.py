@@ -48,6 +48,12 @@ class Task:
     def is_done(self) -> bool:
         return all(p.exists() for p in self.outputs)
 
+    def plan(self, overwrite: bool) -> str:
+        """What a run does with this task: "fail" (refused), "skip" (outputs exist) or "process"."""
+        if self.refusal:
+            return "fail"
+        return "skip" if not overwrite and self.is_done() else "process"
+
 
 @dataclass
 class Outcome:
@@ -182,9 +188,10 @@ class Runner:
         todo: List[Tuple[int, Task]] = []
         refused = []
         for i, task in enumerate(tasks):
-            if task.refusal:
+            state = task.plan(overwrite)
+            if state == "fail":
                 refused.append((i, task))
-            elif not overwrite and task.is_done():
+            elif state == "skip":
                 outcomes[i] = Outcome(task, "skipped")
             else:
                 todo.append((i, task))
