@@ -82,7 +82,7 @@ def parse_shard(text: Optional[str]):
 
 def plan_folder(args, spec) -> Plan:
     from datasets.simple_extractor_dataset import list_images
-    from utils.runner import Task
+    from schp.runner import Task
 
     if not args.input_dir or not args.output_dir:
         raise SetupError("folder mode needs --input-dir and --output-dir (or use --integratedpifu-dir)")
@@ -109,7 +109,7 @@ def plan_folder(args, spec) -> Plan:
 
 def plan_integratedpifu(args, spec) -> Plan:
     from datasets import integratedpifu as ipifu
-    from utils.runner import Task
+    from schp.runner import Task
 
     if spec.name != "pascal":
         raise SetupError(f"--integratedpifu-dir needs --dataset pascal: IntegratedPIFu's codes are defined "
@@ -147,9 +147,9 @@ def print_legend(spec) -> None:
 
 def load_parser(args, spec):
     import torch
-    from utils.checkpoint import (CheckpointError, cached_zip_copy, check_state_dict, default_cache_dir,
+    from schp.checkpoint import (CheckpointError, cached_zip_copy, check_state_dict, default_cache_dir,
                                   read_state_dict, resolve_checkpoint)
-    from utils.inference import HumanParser, select_device
+    from schp.inference import HumanParser, select_device
     from networks import build_ce2p
 
     try:
@@ -232,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_SETUP
 
     from utils.palette import get_palette
-    from utils.runner import Runner
+    from schp.runner import Runner
     import cv2
     cv2.setNumThreads(1)  # torch owns the cores; OpenCV's own pool would only compete with it
     runner = Runner(parser, get_palette(spec.num_classes), args.batch_size, args.num_workers, args.quiet)

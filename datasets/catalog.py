@@ -14,10 +14,19 @@ class DatasetSpec:
     checkpoint: str  # file name of the released checkpoint
     drive_id: str  # Google Drive file id of that checkpoint
     miou: str  # reported mIoU, for the README and --list-labels
+    flip_pairs: Tuple[Tuple[int, int], ...] = ()  # left/right classes exchanged when an image is mirrored
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def flip_permutation(self) -> Tuple[int, ...]:
+        """Class order of a mirrored prediction: index c holds the channel that class c becomes."""
+        order = list(range(self.num_classes))
+        for left, right in self.flip_pairs:
+            order[left], order[right] = right, left
+        return tuple(order)
 
     @property
     def url(self) -> str:
@@ -31,14 +40,14 @@ DATASETS = {
                 "Socks", "Pants", "Jumpsuits", "Scarf", "Skirt", "Face", "Left-arm", "Right-arm",
                 "Left-leg", "Right-leg", "Left-shoe", "Right-shoe"),
         checkpoint="exp-schp-201908261155-lip.pth", drive_id="1k4dllHpu0bdx38J7H28rVVLpU-kOHmnH",
-        miou="59.36 (LIP val)"),
+        miou="59.36 (LIP val)", flip_pairs=((14, 15), (16, 17), (18, 19))),
     "atr": DatasetSpec(
         name="atr", input_size=(512, 512),
         labels=("Background", "Hat", "Hair", "Sunglasses", "Upper-clothes", "Skirt", "Pants", "Dress",
                 "Belt", "Left-shoe", "Right-shoe", "Face", "Left-leg", "Right-leg", "Left-arm",
                 "Right-arm", "Bag", "Scarf"),
         checkpoint="exp-schp-201908301523-atr.pth", drive_id="1ruJg4lqR_jgQPj-9K0PP-L2vJERYOxLP",
-        miou="82.29 (ATR test)"),
+        miou="82.29 (ATR test)", flip_pairs=((9, 10), (12, 13), (14, 15))),
     "pascal": DatasetSpec(
         name="pascal", input_size=(512, 512),
         labels=("Background", "Head", "Torso", "Upper Arms", "Lower Arms", "Upper Legs", "Lower Legs"),

@@ -89,6 +89,13 @@ class Prepared:
     error: Optional[str] = None
 
 
+def prepare_image(index: int, image: np.ndarray, input_size: Tuple[int, int]) -> Prepared:
+    """The affine crop of a decoded H x W x 3 uint8 BGR image to the network's input size."""
+    h, w = image.shape[:2]
+    center, scale = box_center_scale(w, h, input_size[1] / input_size[0])
+    return Prepared(index, warp_to_input(image, center, scale, input_size), center, scale, w, h)
+
+
 class SimpleFolderDataset(Dataset):
     """Decodes and crops a list of image files; a failing file becomes a `Prepared` with `error`.
 
@@ -109,12 +116,9 @@ class SimpleFolderDataset(Dataset):
             return Prepared(index, None, error=str(err))
         except MemoryError:
             return Prepared(index, None, error="out of memory while decoding")
-        h, w = image.shape[:2]
-        center, scale = box_center_scale(w, h, self.input_size[1] / self.input_size[0])
-        crop = warp_to_input(image, center, scale, self.input_size)
         # a numpy array travels from the worker through a pipe; a tensor would need /dev/shm, which
         # is small in containers and fails with a hang rather than an error when full
-        return Prepared(index, crop, center, scale, w, h)
+        return prepare_image(index, image, self.input_size)
 
 
 def collate_prepared(items: List[Prepared]) -> List[Prepared]:

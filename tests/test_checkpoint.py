@@ -8,7 +8,7 @@ import torch
 
 from datasets.catalog import DATASETS
 from networks import build_ce2p
-from utils.checkpoint import CheckpointError, cached_zip_copy, check_state_dict, read_state_dict
+from schp.checkpoint import CheckpointError, cached_zip_copy, check_state_dict, read_state_dict
 
 PASCAL = DATASETS["pascal"]
 

@@ -148,7 +148,7 @@ def test_quiet_hides_the_progress_bar_but_not_errors(checkpoints, tmp_path):
 def test_device_choice_follows_the_original_gpu_option():
     import torch
 
-    from utils.inference import select_device
+    from schp.inference import select_device
 
     assert select_device("auto", "None") == torch.device("cpu")
     assert select_device("cpu", "0") == torch.device("cpu")

@@ -69,9 +69,9 @@ def test_gpu_postprocessing_path_matches_the_original_on_the_cpu(checkpoints, tm
     import torch
 
     from datasets.catalog import DATASETS
-    from utils.checkpoint import read_state_dict
-    from utils.inference import HumanParser
-    from utils.runner import Runner, Task
+    from schp.checkpoint import read_state_dict
+    from schp.inference import HumanParser
+    from schp.runner import Runner, Task
 
     parser = HumanParser(DATASETS["pascal"], read_state_dict(checkpoints("pascal")), torch.device("cpu"),
                          postprocess_on_device=True)

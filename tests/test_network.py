@@ -55,7 +55,7 @@ def test_inplace_abn_matches_its_formula_with_negative_scales(activation):
 
 
 def test_folding_abn_into_convolutions_keeps_the_outputs(checkpoints):
-    from utils.checkpoint import read_state_dict
+    from schp.checkpoint import read_state_dict
 
     model = build_ce2p(7)
     model.load_state_dict(read_state_dict(checkpoints("pascal")))

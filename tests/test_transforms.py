@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 import pytest
 
-from utils.inference import labels_from_logits
+from schp.inference import labels_from_logits
 from utils.transforms import (box_center_scale, get_affine_transform, output_to_input_map, row_bands,
                               transform_logits, warp_channel_rows, warp_to_input)
 

@@ -1,1 +1,1 @@
-"""Helpers of the SCHP extractor: geometry, palette, checkpoints, inference, outputs."""
+"""Small helpers with no project imports: geometry of the crop and inverse warp, palette, atomic outputs."""

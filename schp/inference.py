@@ -1,10 +1,13 @@
 """The parsing model at inference: checkpoint -> folded network on a device -> logits -> label maps.
 
-Steps 5-9 of SPEC.md section 1. Speed comes from folding InPlace-ABN into the convolutions, the
-channels-last layout and batching; results stay those of the released pipeline in fp32.
+Normalisation, network, optional test-time augmentation (flip and multi-scale, averaged in crop
+space as the released evaluator does), upsampling, and the inverse warp with argmax. Every front door
+(extractor, evaluator, training's validation, Python API, multi-person parser) goes through
+HumanParser.logits, so they all compute the same thing. Speed comes from folding InPlace-ABN into the
+convolutions, the channels-last layout and batching; results stay those of the released code in fp32.
 """
 from contextlib import nullcontext
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,14 +44,20 @@ class HumanParser:
     """A loaded SCHP model on one device and precision.
 
     `logits(batch)` maps N x in_h x in_w x 3 uint8 BGR crops to N x C x in_h x in_w float32 fusion
-    logits upsampled to the input size (align_corners=True), on the model's device.
+    logits upsampled to the input size (align_corners=True), on the model's device. With `flip` and
+    `scales` the logits are the test-time-augmented average of the released evaluator.
     """
 
     def __init__(self, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], device: torch.device,
                  precision: str = "fp32", allow_tf32: bool = False,
-                 postprocess_on_device: Optional[bool] = None):
+                 postprocess_on_device: Optional[bool] = None, flip: bool = False,
+                 scales: Sequence[float] = (1.0,)):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}")
+        scales = tuple(float(s) for s in scales)
+        if not scales or any(not 0 < s <= 4 for s in scales):
+            raise ValueError(f"scales must be in (0, 4], got {scales}")
+        self.flip, self.scales = bool(flip), scales
         if precision == "fp16" and device.type != "cuda":
             raise ValueError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
         self.spec, self.device, self.precision = spec, device, precision
@@ -74,16 +83,71 @@ class HumanParser:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    @torch.inference_mode()
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """N x in_h x in_w x 3 uint8 BGR -> N x 3 x in_h x in_w float32 (ToTensor + Normalize, same order)."""
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        # ToTensor + Normalize of the original, same operations in the same order
-        x = batch.permute(0, 3, 1, 2).float().div(255).sub_(self.mean).div_(self.std)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            fusion = self.model(x).fusion
-        return F.interpolate(fusion.float(), size=self.spec.input_size, mode="bilinear", align_corners=True)
+        return batch.permute(0, 3, 1, 2).float().div(255).sub_(self.mean).div_(self.std)
+
+    @torch.inference_mode()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.logits_normalized(self.normalize(batch))
+
+    @torch.inference_mode()
+    def logits_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """Crop-space fusion logits of normalised crops, with this parser's test-time augmentation.
+
+        For each scale s: the crops are resized to floor(in * s) (bilinear, align_corners=True; s = 1 is
+        skipped, being an identity), the mirrored copies run in the same batch, their fusion logits get
+        the left/right channels exchanged, are mirrored back and averaged with the plain ones at network
+        resolution; then upsampled to the input size. The scales' results are averaged.
+        """
+        n = x.shape[0]
+        in_h, in_w = self.spec.input_size
+        if self.flip:
+            x = torch.cat([x, x.flip(-1)])
+        outputs = []
+        for s in self.scales:
+            xs = x if s == 1.0 else F.interpolate(x, size=(int(in_h * s), int(in_w * s)), mode="bilinear",
+                                                  align_corners=True)
+            with self._autocast():
+                fusion = self.model(xs.contiguous(memory_format=torch.channels_last)).fusion
+            fusion = fusion.float()
+            out = fusion[:n]
+            if self.flip:
+                mirrored = fusion[n:][:, list(self.spec.flip_permutation)].flip(-1)
+                out = (out + mirrored) * 0.5
+            outputs.append(F.interpolate(out, size=(in_h, in_w), mode="bilinear", align_corners=True))
+        return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
+
+    def parse(self, images: Sequence[np.ndarray], with_logits: bool = False):
+        """Label maps (H x W uint8, one per image) of H x W x 3 uint8 BGR images, as the extractor makes them.
+
+        With `with_logits`, (labels, logits) pairs where logits are H x W x C float32.
+        """
+        from datasets.simple_extractor_dataset import prepare_image
+
+        items = [prepare_image(i, image, self.spec.input_size) for i, image in enumerate(images)]
+        if not items:
+            return []
+        logits = self.logits(torch.from_numpy(np.stack([item.image for item in items])))
+        results = []
+        host = None
+        for k, item in enumerate(items):
+            if self.postprocess_on_device and not with_logits:
+                results.append(self.labels(logits[k], item.center, item.scale, item.width, item.height))
+                continue
+            if host is None:
+                host = logits.permute(0, 2, 3, 1).cpu().numpy()
+            if with_logits:
+                full = np.empty((item.height, item.width, host.shape[3]), dtype=np.float32)
+                labels = labels_from_logits(host[k], item.center, item.scale, item.width, item.height,
+                                            self.spec.input_size, full)
+                results.append((labels, full))
+            else:
+                results.append(labels_from_logits(host[k], item.center, item.scale, item.width, item.height,
+                                                  self.spec.input_size))
+        return results
 
     def labels(self, logits: torch.Tensor, center: np.ndarray, scale: np.ndarray, width: int,
                height: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from datasets.simple_extractor_dataset import (ImageError, Prepared, SimpleFolderDataset, collate_prepared,
                                                read_image)
-from utils.inference import HumanParser, labels_from_logits
+from schp.inference import HumanParser, labels_from_logits
 from utils.outputs import (integratedpifu_codes, npy_memmap, remove_stale_temporaries, save_label_png,
                            save_npy, save_overlay)
 
