@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -23,8 +24,21 @@ class SetupError(Exception):
     """A problem found before any work: bad arguments, missing folders, unusable checkpoint."""
 
 
+DEVICES = "auto, cpu, cuda or cuda:N"
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+GPU_PATTERN = re.compile(r"\d+(,\d+)*")  # the original's --gpu: a comma list of CUDA indices
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line `error: ...` and exit 2, like every other set-up error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_SETUP, f"error: {message} (--help lists the options)\n")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    """The options, checked for consistency here, before anything heavy (torch) is imported."""
+    p = OneLineParser(
         description="Self-Correction Human Parsing extractor: a palette PNG label map per image.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="pascal", choices=["lip", "atr", "pascal"],
@@ -58,7 +72,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bar; errors and the summary still print")
     p.add_argument("--legend", "--list-labels", dest="legend", action="store_true",
                    help="print each class of --dataset with its palette colour, and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not DEVICE_PATTERN.fullmatch(args.device):
+        p.error(f"--device {args.device}: expected {DEVICES}")
+    if args.gpu is not None and not (is_cpu_gpu_value(args.gpu) or GPU_PATTERN.fullmatch(args.gpu.strip())):
+        p.error(f"--gpu {args.gpu}: expected a CUDA device index such as 0 (or 0,1), or None for the CPU")
+    if args.integratedpifu_dir is not None and args.input_dir:
+        p.error("--input-dir and --integratedpifu-dir are two different modes; give one of them")
+    return args
+
+
+def is_cpu_gpu_value(gpu: str) -> bool:
+    """The --gpu values that mean the CPU: None (the original's way), cpu, -1, empty."""
+    return gpu.strip().lower() in ("none", "cpu", "-1", "")
 
 
 @dataclass
@@ -130,43 +156,100 @@ def plan_integratedpifu(args, spec) -> Plan:
     return Plan(tasks, notes)
 
 
-def ensure_writable(folder: Path) -> None:
+def check_folders(args) -> None:
+    """The folders named on the command line exist (inputs) and are folders (outputs), said plainly."""
+    if args.integratedpifu_dir is not None and not Path(args.integratedpifu_dir).is_dir():
+        what = "not a folder" if Path(args.integratedpifu_dir).exists() else "no such folder"
+        raise SetupError(f"--integratedpifu-dir {args.integratedpifu_dir}: {what}")
+    if args.output_dir:
+        out = Path(args.output_dir)
+        blocker = next((q for q in (out, *out.parents) if q.exists() or q.is_symlink()), None)
+        if blocker is not None and not blocker.is_dir():
+            what = "it" if blocker == out else str(blocker)
+            raise SetupError(f"cannot write to --output-dir {out}: not a folder ({what} is a file)")
+
+
+def ensure_writable(folder: Path, created: List[Path]) -> None:
+    """Create `folder` if needed and prove it writable; folders made are added to `created`."""
     from utils.outputs import check_writable
+    missing = [q for q in (folder, *folder.parents) if not q.exists()]
     try:
         check_writable(folder)
     except OSError as err:
         raise SetupError(f"cannot write to {folder}: {err.strerror or err}") from None
+    finally:
+        created.extend(q for q in reversed(missing) if q.is_dir() and q not in created)
+
+
+def remove_empty(folders: List[Path]) -> None:
+    """Undo the folders a failed set-up made, deepest first, where they are still empty."""
+    for folder in sorted(folders, key=lambda q: len(q.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def emit(lines) -> None:
+    """Print listing lines to stdout; a reader that stops early (`| head`) ends the listing quietly."""
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # nobody reads any more: point stdout at /dev/null so the interpreter's final flush is silent
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def print_legend(spec) -> None:
     from utils.palette import class_colors
-    print(f"{spec.name}: {spec.num_classes} classes (index  RGB colour  name)")
-    for i, (name, rgb) in enumerate(zip(spec.labels, class_colors(spec.num_classes))):
-        print(f"{i:5d}  #{rgb[0]:02x}{rgb[1]:02x}{rgb[2]:02x} {str(rgb):>16}  {name}")
+    emit([f"{spec.name}: {spec.num_classes} classes (index  RGB colour  name)"] +
+         [f"{i:5d}  #{rgb[0]:02x}{rgb[1]:02x}{rgb[2]:02x} {str(rgb):>16}  {name}"
+          for i, (name, rgb) in enumerate(zip(spec.labels, class_colors(spec.num_classes)))])
 
 
 def load_parser(args, spec):
     import torch
     from schp.checkpoint import (CheckpointError, cached_zip_copy, check_state_dict, default_cache_dir,
                                   read_state_dict, resolve_checkpoint)
-    from schp.inference import HumanParser, select_device
+    from schp.inference import HumanParser, select_device, slow_bf16_warning
     from networks import build_ce2p
 
     try:
         device = select_device(args.device, args.gpu)
     except (ValueError, RuntimeError) as err:
         raise SetupError(str(err)) from None
+    warning = slow_bf16_warning(device, args.precision)
+    if warning:
+        print(warning, file=sys.stderr)
     given = args.model_restore is not None
     path = Path(args.model_restore) if given else HERE / "checkpoints" / spec.checkpoint
     try:
         path = resolve_checkpoint(path, spec, allow_download=not given or path.name == spec.checkpoint)
-        state = read_state_dict(cached_zip_copy(path, default_cache_dir()))
         with torch.device("meta"):  # shapes only
             expected = build_ce2p(spec.num_classes).state_dict()
-        check_state_dict(state, expected, spec, path)
+
+        def check(state):  # before any conversion: a refused checkpoint is never converted or cached
+            check_state_dict(state, expected, spec, path)
+
+        state = read_state_dict(cached_zip_copy(path, default_cache_dir(), check=check))
+        check(state)
         return HumanParser(spec, state, device, args.precision, args.allow_tf32), path
     except (CheckpointError, ValueError) as err:  # ValueError: a precision the device cannot run
         raise SetupError(str(err)) from None
+
+
+def setup_message(err: BaseException) -> str:
+    """One sentence for a set-up failure: ours as written, the system's with the file it names."""
+    if isinstance(err, SetupError):
+        return str(err)
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror}"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def write_manifest(path: Path, args, spec, checkpoint, parser, report, started: float) -> None:
@@ -207,10 +290,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.legend:
         print_legend(spec)
         return EXIT_OK
+    created: List[Path] = []  # output folders made by the set-up, removed again if it fails
     try:
         if args.batch_size < 1 or args.num_workers < 0:
             raise SetupError("--batch-size must be >= 1 and --num-workers >= 0")
         shard = parse_shard(args.shard)
+        check_folders(args)
         plan = plan_integratedpifu(args, spec) if args.integratedpifu_dir else plan_folder(args, spec)
         if shard:
             index, count = shard
@@ -218,17 +303,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for note in plan.notes:
             print(note, file=sys.stderr)
         if args.dry_run:
-            for task in plan.tasks:
-                print(f"{task.plan(args.overwrite)}\t{task.source}\t" + "\t".join(str(p) for p in task.outputs))
+            emit(f"{task.plan(args.overwrite)}\t{task.source}\t" + "\t".join(str(p) for p in task.outputs)
+                 for task in plan.tasks)
             return EXIT_OK
         for folder in sorted({p.parent for task in plan.tasks for p in task.outputs}):
-            ensure_writable(folder)
+            ensure_writable(folder, created)
         if all(task.plan(args.overwrite) != "process" for task in plan.tasks):
             parser, checkpoint = None, None  # nothing to compute: no need to load the model
         else:
             parser, checkpoint = load_parser(args, spec)
-    except SetupError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (SetupError, OSError, RuntimeError) as err:  # anything before the first input: one line
+        remove_empty(created)
+        print(f"error: {setup_message(err)}", file=sys.stderr)
         return EXIT_SETUP
 
     from utils.palette import get_palette

@@ -7,9 +7,10 @@ fallback), `check_state_dict` (one readable error for any key or shape mismatch)
 import hashlib
 import os
 import pickle
+import stat
 import zipfile
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -23,7 +24,37 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message is one sentence for the user."""
 
 
-def _load_error_reason(err: BaseException) -> str:
+def _content_problem(path: Path) -> Optional[str]:
+    """What a file that torch cannot load is, when its first bytes say it is no checkpoint at all.
+
+    A browser or wget that meets Google Drive's warning page saves that page under the checkpoint's
+    name; its pickle "opcodes" (`<` = 60) would otherwise read like a hostile file.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if not head or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip or a binary pickle
+        return None
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml", b"<!--")) or b"<html" in text[:1024]:
+        return ("not a PyTorch checkpoint (it looks like an HTML page, such as the warning page Google Drive "
+                "shows instead of a large file; download the file itself)")
+    if b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+            return "not a PyTorch checkpoint (it is a text file)"
+        except UnicodeDecodeError as err:
+            if err.start >= len(head) - 3:  # a multi-byte character cut by the 4 KiB window
+                return "not a PyTorch checkpoint (it is a text file)"
+    return None
+
+
+def _load_error_reason(err: BaseException, path: Optional[Path] = None) -> str:
+    problem = _content_problem(path) if path is not None else None
+    if problem:
+        return problem
     text = str(err)
     for line in text.splitlines():
         if "unsupported global" in line.lower() or "unsupported operand" in line.lower():
@@ -57,7 +88,7 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip_checkpoint(path))
     except Exception as err:  # torch raises many types; every one means "unusable", said once
-        raise CheckpointError(f"checkpoint {path}: {_load_error_reason(err)}") from None
+        raise CheckpointError(f"checkpoint {path}: {_load_error_reason(err, path)}") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or \
@@ -97,31 +128,84 @@ def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
                           + "; ".join(parts))
 
 
-def cached_zip_copy(path: Path, cache_dir: Optional[Path]) -> Path:
+CACHE_SUFFIX = ".zip.pth"
+DEFAULT_CACHE_MAX_MIB = 2048  # three released checkpoints (255 MiB each) fit many times over
+
+
+def cached_zip_copy(path: Path, cache_dir: Optional[Path],
+                    check: Optional[Callable[[Dict[str, torch.Tensor]], None]] = None,
+                    max_bytes: Optional[int] = None) -> Path:
     """A memory-mappable zip copy of a legacy-format checkpoint, made once; else `path` itself.
 
     The released files use the pre-1.6 serialization, which cannot be memory-mapped; a converted copy
-    in the cache makes later start-ups faster. Keyed by absolute path, size and mtime; any failure to
-    write the cache just means no cache.
+    in the cache makes later start-ups faster. Keyed by absolute path, size and mtime. `check` sees
+    the tensors before anything is written (a CheckpointError from it converts nothing). After a
+    conversion the least recently used copies are evicted down to `max_bytes` (default: cache_size_cap()).
+    Any failure to write the cache just means no cache.
     """
     if cache_dir is None or is_zip_checkpoint(path):
         return path
     st = path.stat()
     key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir / f"{path.stem}-{key}.zip.pth"
+    cached = cache_dir / f"{path.stem}-{key}{CACHE_SUFFIX}"
     if cached.is_file():
+        try:
+            os.utime(cached)  # recency for the eviction order
+        except OSError:
+            pass
         return cached
+    state = read_state_dict(path)
+    if check is not None:
+        check(state)
     tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
     try:
-        state = read_state_dict(path)
         cache_dir.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
         os.replace(tmp, cached)
-        return cached
     except (OSError, RuntimeError):  # torch reports a failed write (disk full) as RuntimeError
         if tmp.exists():
             tmp.unlink()
         return path
+    evict_cache(cache_dir, cache_size_cap() if max_bytes is None else max_bytes, keep=cached)
+    return cached
+
+
+def cache_size_cap() -> int:
+    """Bytes the checkpoint cache may hold: $SCHP_CACHE_MAX_MIB (MiB), default 2048."""
+    value = os.environ.get("SCHP_CACHE_MAX_MIB", "").strip()
+    try:
+        return int(float(value) * 2**20) if value else DEFAULT_CACHE_MAX_MIB * 2**20
+    except ValueError:
+        return DEFAULT_CACHE_MAX_MIB * 2**20
+
+
+def evict_cache(cache_dir: Path, max_bytes: int, keep: Optional[Path] = None) -> List[Path]:
+    """Delete the least recently used converted copies until the cache holds at most `max_bytes`.
+
+    Recency is the file's mtime, which every use refreshes; `keep` (the copy in use) is never deleted.
+    """
+    entries = []
+    try:
+        for entry in os.scandir(cache_dir):
+            if entry.name.endswith(CACHE_SUFFIX) and not entry.name.startswith(".") and entry.is_file():
+                st = entry.stat()
+                entries.append((st.st_mtime_ns, st.st_size, Path(entry.path)))
+    except OSError:
+        return []
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, victim in sorted(entries):
+        if total <= max_bytes:
+            break
+        if keep is not None and victim == keep:
+            continue
+        try:
+            victim.unlink()
+        except OSError:
+            continue
+        total -= size
+        removed.append(victim)
+    return removed
 
 
 def default_cache_dir() -> Optional[Path]:
@@ -170,8 +254,14 @@ def download_checkpoint(spec: DatasetSpec, path: Path, timeout: float = 30.0) ->
 def resolve_checkpoint(path: Path, spec: DatasetSpec, allow_download: bool) -> Path:
     """`path` if it exists; else download it when it is the dataset's released file name."""
     path = Path(path)
-    if path.is_file():
-        return path
+    try:
+        if stat.S_ISREG(path.stat().st_mode):
+            return path
+        raise CheckpointError(f"checkpoint {path}: not a file")
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as err:  # an unreadable folder on the way: say so, not "no such file"
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({err.strerror})") from None
     if allow_download and path.name == spec.checkpoint:
         return download_checkpoint(spec, path)
     raise CheckpointError(f"checkpoint {path}: no such file (the released {spec.name} checkpoint is "

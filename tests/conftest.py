@@ -3,7 +3,10 @@
 The released weights cannot be downloaded in CI, so every test uses the deterministic checkpoints of
 tests/data/synth_checkpoint.py (copied from the project's reference material), seed 0 = calibrated.
 """
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,13 +16,25 @@ DATA = ROOT / "tests" / "data"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(DATA))
 
+# One folder for the whole session, set before any test or fixture (module-scoped ones included) runs,
+# and removed when the session ends: the synthetic checkpoints and the converted-checkpoint cache that
+# every test and every CLI subprocess shares. The user's real ~/.cache/schp is never touched.
+SESSION = Path(tempfile.mkdtemp(prefix="schp-tests-"))
+SESSION_CACHE = SESSION / "cache"
+os.environ["SCHP_CACHE_DIR"] = str(SESSION_CACHE)
+
 from synth_checkpoint import save_checkpoint, synthetic_checkpoint  # noqa: E402
 
 
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
+def checkpoints():
     """checkpoints(dataset, legacy=True) -> path of the seed-0 synthetic checkpoint, made once per session."""
-    folder = tmp_path_factory.mktemp("checkpoints")
+    folder = SESSION / "checkpoints"
+    folder.mkdir(exist_ok=True)
     made = {}
 
     def get(dataset: str = "pascal", legacy: bool = True) -> Path:
@@ -31,12 +46,6 @@ def checkpoints(tmp_path_factory):
         return made[key]
 
     return get
-
-
-@pytest.fixture(autouse=True)
-def no_checkpoint_cache(monkeypatch, tmp_path):
-    """Keep the converted-checkpoint cache inside each test's own folder."""
-    monkeypatch.setenv("SCHP_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture
