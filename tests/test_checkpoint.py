@@ -8,7 +8,7 @@ import torch
 
 from datasets.catalog import DATASETS
 from networks import build_ce2p
-from schp.checkpoint import CheckpointError, cached_zip_copy, check_state_dict, read_state_dict
+from schp.checkpoint import CheckpointError, cache_size_cap, cached_zip_copy, check_state_dict, read_state_dict
 
 PASCAL = DATASETS["pascal"]
 
@@ -150,3 +150,60 @@ def test_unwritable_cache_falls_back_to_the_original_file(checkpoints, tmp_path)
     (tmp_path / "cache").write_text("a file where the cache folder should be")
     assert cached_zip_copy(legacy, tmp_path / "cache") == legacy
     assert read_state_dict(legacy).keys() == read_state_dict(cached_zip_copy(legacy, tmp_path / "cache")).keys()
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head></html>\n",
+     "not a PyTorch checkpoint (it looks like an HTML page"),
+    ("\n  <html>Google Drive quota exceeded</html>", "not a PyTorch checkpoint (it looks like an HTML page"),
+    ("Too many users have viewed or downloaded this file recently.\n", "not a PyTorch checkpoint (it is a text file)"),
+])
+def test_html_or_text_saved_as_a_checkpoint_is_named_for_what_it_is(tmp_path, content, reason):
+    path = tmp_path / PASCAL.checkpoint
+    path.write_text(content)
+    with pytest.raises(CheckpointError) as err:
+        read_state_dict(path)
+    message = str(err.value)
+    assert message.startswith(f"checkpoint {path}: ") and reason in message
+    assert "pickle" not in message and "code" not in message
+
+
+def test_wrong_dataset_checkpoint_is_refused_before_any_conversion(checkpoints, run_cli, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SCHP_CACHE_DIR", str(cache))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(inputs / "a.png")
+    code, _, err = run_cli("--model-restore", checkpoints("lip"), "--input-dir", inputs,
+                           "--output-dir", tmp_path / "out")
+    assert code == 2 and "looks like a lip checkpoint" in err
+    assert not cache.exists() or list(cache.iterdir()) == []  # nothing converted, nothing cached
+
+
+def small_legacy(path, n):
+    torch.save({"state_dict": {"module.w": torch.arange(n, dtype=torch.float32)}}, path,
+               _use_new_zipfile_serialization=False)
+    return path
+
+
+def test_cache_evicts_the_least_recently_used_copies_beyond_its_cap(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    sources = [small_legacy(tmp_path / f"c{i}.pth", 25_000) for i in range(4)]  # ~100 kB each
+    copies = []
+    for i, source in enumerate(sources[:3]):
+        copies.append(cached_zip_copy(source, cache, max_bytes=10**9))
+        os.utime(copies[-1], ns=(10**18 + i * 10**9, 10**18 + i * 10**9))  # c0 oldest ... c2 newest
+    size = copies[0].stat().st_size
+    assert sorted(cache.iterdir()) == sorted(copies)
+    assert cached_zip_copy(sources[0], cache) == copies[0]  # a hit makes c0 the most recent
+    newest = cached_zip_copy(sources[3], cache, max_bytes=int(2.5 * size))
+    assert sorted(p.name for p in cache.iterdir()) == sorted([copies[0].name, newest.name])
+    assert read_state_dict(newest)["w"].shape == (25_000,)
+    # the copy in use stays even when it alone exceeds the cap
+    assert cached_zip_copy(sources[1], cache, max_bytes=1).is_file()
+    assert len(list(cache.iterdir())) == 1
+    monkeypatch.setenv("SCHP_CACHE_MAX_MIB", "0.5")
+    assert cache_size_cap() == 2**19
+    monkeypatch.delenv("SCHP_CACHE_MAX_MIB")
+    assert cache_size_cap() == 2048 * 2**20
