@@ -36,8 +36,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_SETUP, f"error: {message} (--help lists the options)\n")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The options, checked for consistency here, before anything heavy (torch) is imported."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's options (the README's options table lists exactly these)."""
     p = OneLineParser(
         description="Self-Correction Human Parsing extractor: a palette PNG label map per image.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -72,6 +72,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bar; errors and the summary still print")
     p.add_argument("--legend", "--list-labels", dest="legend", action="store_true",
                    help="print each class of --dataset with its palette colour, and exit")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The options, checked for consistency here, before anything heavy (torch) is imported."""
+    p = build_parser()
     args = p.parse_args(argv)
     if not DEVICE_PATTERN.fullmatch(args.device):
         p.error(f"--device {args.device}: expected {DEVICES}")
