@@ -322,6 +322,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         remove_empty(created)
         print(f"error: {setup_message(err)}", file=sys.stderr)
         return EXIT_SETUP
+    except KeyboardInterrupt:
+        remove_empty(created)
+        raise
 
     from utils.palette import get_palette
     from schp.runner import Runner
