@@ -191,8 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         todo = [t for t in tasks if args.overwrite or not t.is_done()]
         source, parsers, checkpoints = None, (None, None), None
         if todo:  # nothing to compute: no model, no detector
-            parsers, checkpoints = load_parsers(args, device)
             source = make_source(args, sorted(t.source.name for t in tasks), device)
+            parsers, checkpoints = load_parsers(args, device)
     except SetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_SETUP
