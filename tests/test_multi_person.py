@@ -67,7 +67,9 @@ def run(capsys, *argv):
     return code, err
 
 
-def models(cihp):
+@pytest.fixture(scope="module")
+def oracle_models(cihp):
+    """The released evaluator's (global, local) networks, loaded once."""
     return released.load_evaluator_model(str(cihp[0]), 20), released.load_evaluator_model(str(cihp[1]), 20)
 
 
@@ -101,7 +103,7 @@ def compare_outputs(ours: Path, theirs: Path, stem: str):
 
 
 # ----------------------------------------------------------------------------- the whole chain vs the released steps
-def test_detectron2_file_gives_the_released_results(tmp_path, capsys, cihp, small_group):
+def test_detectron2_file_gives_the_released_results(tmp_path, capsys, cihp, oracle_models, small_group):
     """Detections in detectron2's file format (RLE made here with pycocotools): a duplicate that mostly
     overlaps a kept person (dropped), one that partly overlaps (loses the contested pixels), one under
     the score threshold (stops the scan): our outputs equal the released steps 3, 5, 6 file for file."""
@@ -121,7 +123,7 @@ def test_detectron2_file_gives_the_released_results(tmp_path, capsys, cihp, smal
     shutil.copy(image_path, in_dir / "group.png")
     h, w = ids.shape
     theirs, item = released.run_released(str(in_dir), {"id": 1, "file_name": "group.png", "width": w, "height": h},
-                                         predictions[1], *models(cihp), "cihp96", str(tmp_path / "released"))
+                                         predictions[1], *oracle_models, "cihp96", str(tmp_path / "released"))
     assert item["person_num"] == 4  # the duplicate dropped, the partial kept, the last under 0.5
     # here person 1 keeps no foreground pixel, so the released count (3) leaves person 4 without parts;
     # --legacy-person-count reproduces that (the default gives person 4 its parts: see the unit test)
@@ -135,7 +137,7 @@ def test_detectron2_file_gives_the_released_results(tmp_path, capsys, cihp, smal
     assert record["real_person_bbox"] == item["real_person_bbox"] and record["instances"]["source"] == "detectron2"
 
 
-def test_masks_folder_gives_the_released_results(tmp_path, capsys, cihp, small_group):
+def test_masks_folder_gives_the_released_results(tmp_path, capsys, cihp, oracle_models, small_group):
     """User masks with a scores file: the same as feeding the released steps detections with those
     masks, scores and COCO boxes (with the released person count: here too a person keeps no
     foreground pixel); every part belongs to one person."""
@@ -150,7 +152,7 @@ def test_masks_folder_gives_the_released_results(tmp_path, capsys, cihp, small_g
     pred = {"image_id": 1, "instances": [detection(ids == k, scores.get(str(k), 1.0)) for k in order]}
     h, w = ids.shape
     theirs, item = released.run_released(str(in_dir), {"id": 1, "file_name": "group.png", "width": w, "height": h},
-                                         pred, *models(cihp), "cihp96", str(tmp_path / "released"))
+                                         pred, *oracle_models, "cihp96", str(tmp_path / "released"))
     code, err = run(capsys, "--input-dir", in_dir, "--output-dir", tmp_path / "out", "--instances", "masks",
                     mask_dir, "--global-restore", cihp[0], "--local-restore", cihp[1], "--input-size",
                     f"{SIZE},{SIZE}", "--device", "cpu", "--legacy-person-count")
@@ -351,63 +353,73 @@ def test_detectron2_file_is_read_safely_and_matched_on_image_id(tmp_path, monkey
         Detectron2FileSource(path)
 
 
-def person_detector(min_size=160):
-    """torchvision's Mask R-CNN, randomly initialised (no download), its classifier forced to say
-    "person" for every proposal so that the person path, thresholds and shapes are exercised."""
+def person_detector(min_size=96):
+    """torchvision's Mask R-CNN, randomly initialised (no download), its classifier made to say person or
+    bicycle depending on the proposal, so that the person path, thresholds and shapes are exercised.
+    Fewer RPN proposals than the default 1000 keep the CPU time of the test down."""
     from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
     torch.manual_seed(0)
     model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, min_size=min_size, max_size=min_size * 2)
+    model.rpn._pre_nms_top_n["testing"], model.rpn._post_nms_top_n["testing"] = 300, 150
     with torch.no_grad():
         cls = model.roi_heads.box_predictor.cls_score
         cls.weight.zero_()
         cls.bias.fill_(-10.0)
-        # person (1) or bicycle (2), depending on the proposal: both are found, only persons are kept
         cls.weight[1] = torch.randn(cls.weight.shape[1]) * 0.5
         cls.weight[2] = -cls.weight[1]
         cls.bias[1] = cls.bias[2] = 5.0
     return model
 
 
-def test_torchvision_source_end_to_end(tmp_path, capsys, cihp, small_group):
+def test_torchvision_source_end_to_end(tmp_path, cihp, small_group):
+    from schp.multi_person.instances import build_torchvision_detector
+    from schp.multi_person.outputs import output_paths
+    from schp.multi_person.parsing import load_parser
+    from schp.multi_person.pipeline import ImageTask, MultiPersonRunner, Settings
+    from datasets.catalog import MULTI_PERSON
+    import dataclasses
+
     image_path, _ = small_group
-    image = cv2.resize(cv2.imread(str(image_path)), (160, 120))
+    image = cv2.resize(cv2.imread(str(image_path)), (128, 96))
     model = person_detector()
-    source = TorchvisionSource(torch.device("cpu"), model=model, min_size=160, max_size=320)
+    source = TorchvisionSource(torch.device("cpu"), model=model, min_size=96, max_size=192)
     assert (model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img) == \
         (0.5, 0.95, 100)
     with torch.inference_mode():
         raw = model([torch.from_numpy(image[:, :, ::-1].copy()).permute(2, 0, 1).float() / 255])[0]
-    found = source.instances(image, image_path)
-    assert set(raw["labels"].tolist()) == {1, 2} and len(found) == int((raw["labels"] == 1).sum()) <= 100
-    assert [i.score for i in found] == sorted((i.score for i in found), reverse=True)
-    assert all(i.score >= 0.5 and i.mask.shape == (120, 160) and i.mask.dtype == bool for i in found)
-    assert any(i.mask.any() for i in found)
     person = raw["labels"] == 1
-    np.testing.assert_array_equal(np.stack([i.mask for i in found]), (raw["masks"][person, 0] > 0.5).numpy())
-    np.testing.assert_allclose(np.array([i.box for i in found]), raw["boxes"][person].numpy())
-    # the command, with the weights from a local file
+    expected = [Instance(float(sc), tuple(float(v) for v in b), m) for sc, b, m in
+                zip(raw["scores"][person], raw["boxes"][person], (raw["masks"][person, 0] > 0.5).numpy())]
+    expected.sort(key=lambda i: -i.score)
+    assert set(raw["labels"].tolist()) == {1, 2} and 1 <= len(expected) <= 100
+    assert all(i.score >= 0.5 and i.mask.shape == (96, 128) for i in expected) and any(i.mask.any() for i in expected)
+    people = select_people(expected, 96, 128)
+    # weights from a local file (what --detector-weights reads)
     weights = tmp_path / "maskrcnn.pth"
     torch.save(model.state_dict(), weights)
+    try:
+        loaded = build_torchvision_detector(weights, 96, 192)
+    finally:
+        weights.unlink()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    # the run: detector, persons, both parsers, fusion, files
     in_dir = tmp_path / "in"
     in_dir.mkdir()
     cv2.imwrite(str(in_dir / "g.png"), image)
-    try:
-        code, err = run(capsys, "--input-dir", in_dir, "--output-dir", tmp_path / "out", "--instances",
-                        "torchvision", "--detector-weights", weights, "--detector-min-size", 160,
-                        "--detector-max-size", 320, "--global-restore", cihp[0], "--local-restore", cihp[1],
-                        "--input-size", "32,32", "--device", "cpu", "--batch-size", 8,
-                        "--summary", tmp_path / "s.json")
-    finally:
-        weights.unlink()
-    assert code == 0, err
+    parsers = [load_parser(dataclasses.replace(MULTI_PERSON[role], input_size=(32, 32)), path, False,
+                           torch.device("cpu"))[0] for role, path in (("global", cihp[0]), ("local", cihp[1]))]
+    task = ImageTask(in_dir / "g.png", "g.png", output_paths(tmp_path / "out", "g"))
+    report = MultiPersonRunner(*parsers, source, Settings(batch_size=8, quiet=True)).run([task])
+    assert report.count("processed") == 1
     record = json.loads((tmp_path / "out" / "instances" / "g.json").read_text())
     assert record["instances"]["source"] == "torchvision" and "not the original" in record["instances"]["note"]
-    assert record["person_num"] >= 1 and len(record["person_bbox"]) == record["person_num"]
+    # the source gave the run what the detector found: its persons, scores and boxes
+    assert record["person_num"] == people.count >= 2
+    assert record["person_bbox_score"] == pytest.approx(people.scores, rel=1e-6)
+    np.testing.assert_allclose(record["real_person_bbox"], people.boxes, rtol=1e-6)
     tags = (tmp_path / "out" / "global_tag" / "g.txt").read_text().splitlines()
     persons = np.array(Image.open(tmp_path / "out" / "global_tag" / "g.png"))
-    assert len(tags) == len(np.unique(persons)) - 1 and persons.shape == (120, 160)
-    summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["instances"]["detector"].startswith("maskrcnn_resnet50_fpn_v2")
+    assert len(tags) == len(np.unique(persons)) - 1 and persons.shape == (96, 128)
 
 
 # ----------------------------------------------------------------------------- the command's standards
