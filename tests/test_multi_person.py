@@ -490,3 +490,17 @@ def test_setup_errors_are_one_line(tmp_path, capsys, cihp):
                              "--local-restore")):
         code, err = run(capsys, *base, *extra)
         assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+
+
+def test_part_ids_of_the_released_demo_are_reproduced():
+    """The released pipeline's own outputs for the group photo: its part map follows from its class map
+    and person map by our part numbering and growth, id for id (31 parts)."""
+    classes = np.array(Image.open(DATA / "group_global_parsing.png"))
+    persons = np.array(Image.open(DATA / "group_person_masks.png")).astype(np.int32)
+    released_parts = np.array(Image.open(DATA / "group_instance_parsing.png"))
+    persons[classes == 0] = 0
+    parts, part_classes, capped = fusion.assign_parts(classes, persons)
+    fusion.grow_parts(parts, persons, classes)
+    np.testing.assert_array_equal(parts, released_parts)
+    assert len(part_classes) == 31 and not capped
+    assert all(set(np.unique(classes[parts == j])) == {c} for j, c in part_classes.items())
