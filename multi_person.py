@@ -9,7 +9,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip  # noqa: B018  (pycocotools is a declared test requirement: no skip)
 from pycocotools import mask as mask_util  # noqa: E402
 
 import multi_person  # noqa: E402

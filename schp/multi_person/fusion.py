@@ -9,7 +9,6 @@ component); each part's confidence is the mean detection-score-weighted fused lo
 
 Everything runs in bands of rows, so memory stays a few bands of float64 logits beyond the inputs.
 """
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
 

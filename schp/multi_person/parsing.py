@@ -4,6 +4,7 @@ Both go through the shared model path (HumanParser.parse: the affine crop of the
 with the parser's flip / multi-scale averaging, the per-channel inverse warp), exactly what the
 released extension's evaluator writes as `.npy` logits.
 """
+from pathlib import Path
 from typing import List, Sequence, Tuple
 
 import cv2
@@ -39,11 +40,9 @@ def image_logits(parser: HumanParser, images: Sequence[np.ndarray], batch_size: 
 
 
 def load_parser(spec, path, allow_download: bool, device, precision: str = "fp32", flip: bool = False,
-                scales: Sequence[float] = (1.0,)) -> Tuple[HumanParser, "Path"]:
+                scales: Sequence[float] = (1.0,)) -> Tuple[HumanParser, Path]:
     """A HumanParser for one of the CIHP checkpoints (either container; downloaded when it is missing and
     named as released). Raises CheckpointError or ValueError with a one-line reason."""
-    from pathlib import Path
-
     import torch
 
     from networks import build_ce2p
