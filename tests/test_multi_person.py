@@ -503,3 +503,17 @@ def test_part_ids_of_the_released_demo_are_reproduced():
     np.testing.assert_array_equal(parts, released_parts)
     assert len(part_classes) == 31 and not capped
     assert all(set(np.unique(classes[parts == j])) == {c} for j, c in part_classes.items())
+
+
+def test_flip_and_scales_reach_both_parsers(tmp_path, cihp):
+    args = multi_person.parse_args(["--input-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+                                    "--global-restore", str(cihp[0]), "--local-restore", str(cihp[1]), "--flip", "--multi-scales",
+                                    "0.75,1,1.25", "--input-size", "40,48"])
+    parsers, paths = multi_person.load_parsers(args, torch.device("cpu"))
+    assert paths == [cihp[0], cihp[1]]
+    for parser, name in zip(parsers, ("cihp-global", "cihp-local")):
+        assert parser.flip and parser.scales == (0.75, 1.0, 1.25) and parser.spec.input_size == (40, 48)
+        assert parser.spec.name == name and parser.spec.flip_pairs == ((14, 15), (16, 17), (18, 19))
+    with pytest.raises(multi_person.SetupError, match="--multi-scales"):
+        multi_person.load_parsers(multi_person.parse_args(["--input-dir", "x", "--output-dir", "y",
+                                                           "--multi-scales", "a"]), torch.device("cpu"))
