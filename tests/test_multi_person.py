@@ -507,8 +507,8 @@ def test_part_ids_of_the_released_demo_are_reproduced():
 
 def test_flip_and_scales_reach_both_parsers(tmp_path, cihp):
     args = multi_person.parse_args(["--input-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"),
-                                    "--global-restore", str(cihp[0]), "--local-restore", str(cihp[1]), "--flip", "--multi-scales",
-                                    "0.75,1,1.25", "--input-size", "40,48"])
+                                    "--global-restore", str(cihp[0]), "--local-restore", str(cihp[1]), "--flip",
+                                    "--multi-scales", "0.75,1,1.25", "--input-size", "40,48"])
     parsers, paths = multi_person.load_parsers(args, torch.device("cpu"))
     assert paths == [cihp[0], cihp[1]]
     for parser, name in zip(parsers, ("cihp-global", "cihp-local")):
