@@ -180,9 +180,12 @@ class MultiPersonRunner:
                 except (ImageError, InstanceError) as err:
                     fail(i, str(err))
                     continue
-                except (RuntimeError, MemoryError, ValueError) as err:  # e.g. CUDA out of memory
+                except (RuntimeError, MemoryError) as err:  # e.g. CUDA out of memory
                     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                     fail(i, f"inference failed: {reason}")
+                    continue
+                except Exception as err:  # anything else about this image: reported, the run goes on
+                    fail(i, _describe_error(err))
                     continue
                 pending.append((i, t0, writer.submit(self.finish, tasks[i], image, *work)))
                 collect(block_beyond=1)
