@@ -1,6 +1,7 @@
-"""The three released SCHP models: input size, labels, checkpoint file and where to download it.
+"""The released SCHP models: input size, labels, checkpoint file and where to download it.
 
-Everything dataset-specific reads from DATASETS; figures from the SCHP README.
+Everything dataset-specific reads from DATASETS (single-person) and MULTI_PERSON (the CIHP global and
+local parsers); figures from the SCHP README.
 """
 from dataclasses import dataclass
 from typing import Tuple
@@ -53,6 +54,24 @@ DATASETS = {
         labels=("Background", "Head", "Torso", "Upper Arms", "Lower Arms", "Upper Legs", "Lower Legs"),
         checkpoint="exp-schp-201908270938-pascal-person-part.pth",
         drive_id="1E5YwNKW2VOEayK9mWCS3Kpsxf-3z04ZE", miou="71.46 (Pascal-Person-Part val)"),
+}
+
+
+# The multi-person (CIHP) models: a global parser for whole images and a local parser for person crops.
+# Kept apart from DATASETS (the single-person extractor's --dataset choices). CIHP's 20 classes use LIP's
+# indices except 10 (Torso-skin where LIP has Jumpsuits), so LIP's left/right pairs hold for them.
+CIHP_LABELS = ("Background", "Hat", "Hair", "Glove", "Sunglasses", "Upper-clothes", "Dress", "Coat", "Socks",
+               "Pants", "Torso-skin", "Scarf", "Skirt", "Face", "Left-arm", "Right-arm", "Left-leg",
+               "Right-leg", "Left-shoe", "Right-shoe")
+MULTI_PERSON = {
+    "global": DatasetSpec(
+        name="cihp-global", input_size=(473, 473), labels=CIHP_LABELS,
+        checkpoint="exp_schp_multi_cihp_global.pth", drive_id="1s30hj8zeYj0wuTA5Rek-one-v5uT7kX9",
+        miou="not reported separately (CIHP multi-person track)", flip_pairs=((14, 15), (16, 17), (18, 19))),
+    "local": DatasetSpec(
+        name="cihp-local", input_size=(473, 473), labels=CIHP_LABELS,
+        checkpoint="exp_schp_multi_cihp_local.pth", drive_id="1dwDrXHkhAe_nYtnSqi548zrjo5mlSPF0",
+        miou="not reported separately (CIHP multi-person track)", flip_pairs=((14, 15), (16, 17), (18, 19))),
 }
 
 
