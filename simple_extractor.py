@@ -146,26 +146,12 @@ def print_legend(spec) -> None:
 
 
 def load_parser(args, spec):
-    import torch
-    from schp.checkpoint import (CheckpointError, cached_zip_copy, check_state_dict, default_cache_dir,
-                                  read_state_dict, resolve_checkpoint)
-    from schp.inference import HumanParser, select_device
-    from networks import build_ce2p
+    from schp.api import load_parser as load
+    from schp.checkpoint import CheckpointError
 
     try:
-        device = select_device(args.device, args.gpu)
-    except (ValueError, RuntimeError) as err:
-        raise SetupError(str(err)) from None
-    given = args.model_restore is not None
-    path = Path(args.model_restore) if given else HERE / "checkpoints" / spec.checkpoint
-    try:
-        path = resolve_checkpoint(path, spec, allow_download=not given or path.name == spec.checkpoint)
-        state = read_state_dict(cached_zip_copy(path, default_cache_dir()))
-        with torch.device("meta"):  # shapes only
-            expected = build_ce2p(spec.num_classes).state_dict()
-        check_state_dict(state, expected, spec, path)
-        return HumanParser(spec, state, device, args.precision, args.allow_tf32), path
-    except (CheckpointError, ValueError) as err:  # ValueError: a precision the device cannot run
+        return load(spec, args.model_restore, args.device, args.gpu, args.precision, args.allow_tf32)
+    except (CheckpointError, ValueError) as err:  # ValueError: a device or precision this machine lacks
         raise SetupError(str(err)) from None
 
 
