@@ -26,6 +26,7 @@ class Rank:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int = 1  # processes on this machine
     started: bool = False  # the process group is up
 
     @property
@@ -53,13 +54,21 @@ class Rank:
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return device
 
+    def backend(self, device: torch.device) -> str:
+        """NCCL when every process of this machine has a GPU of its own (NCCL refuses two ranks on one
+        GPU), else gloo."""
+        if device.type == "cuda" and torch.cuda.device_count() >= self.local_world_size:
+            return "nccl"
+        return "gloo"
+
     def start(self, device: torch.device) -> None:
-        """Join the other ranks (blocks until all have arrived): NCCL on a GPU, gloo on the CPU."""
+        """Join the other ranks (blocks until all have arrived)."""
         import torch.distributed as dist
 
+        backend = self.backend(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=WAIT)
+        dist.init_process_group(backend, timeout=WAIT, device_id=device if backend == "nccl" else None)
         self.started = True
 
     def gather(self, value: T) -> List[T]:
@@ -89,13 +98,14 @@ def from_environment() -> Optional[Rank]:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     except ValueError:
         return None
     if world_size <= 1:
         return None
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is not below WORLD_SIZE={world_size}")
-    return Rank(rank, world_size, local_rank)
+    return Rank(rank, world_size, local_rank, local_world_size)
 
 
 def gather_report(ranks: Rank, report, parser):

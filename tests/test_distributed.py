@@ -38,6 +38,9 @@ def test_environment_of_torchrun(monkeypatch):
     rank = from_environment()
     assert (rank.rank, rank.world_size, rank.local_rank, rank.is_main) == (3, 4, 1, False)
     assert rank.device("cpu", None) == "cpu" and rank.device("cuda:0", None) == "cuda:0"
+    assert rank.local_world_size == 4 and rank.backend(torch.device("cpu")) == "gloo"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert from_environment().local_world_size == 2
 
 
 def files(folder):
