@@ -136,8 +136,6 @@ class VideoRun:
             if not np.isfinite(fps) or fps <= 0:
                 fps = DEFAULT_FPS
             task.frames.mkdir(parents=True, exist_ok=True)
-            for folder in (task.frames, task.parsing.parent):
-                remove_stale_temporaries(folder)
             bar = tqdm(total=(count + task.every - 1) // task.every if count > 0 else None, unit="frame",
                        desc=task.name, file=sys.stderr, disable=self.quiet, dynamic_ncols=True, leave=False)
             with ExitStack() as stack:
@@ -247,6 +245,10 @@ def run_inputs(runner, tasks: Sequence, overwrite: bool) -> RunReport:
     videos = [(i, t) for i, t in enumerate(tasks) if isinstance(t, VideoTask)]
     if not videos:
         return runner.run(tasks, overwrite=overwrite)
+    # temporaries of killed runs: removed now, at the start, as the runner does for the images, rather
+    # than while other processes (torchrun ranks, shards) may be writing beside them
+    for folder in sorted({t.parsing.parent for _, t in videos} | {t.frames for _, t in videos}):
+        remove_stale_temporaries(folder)
     report = runner.run([t for _, t in images], overwrite=overwrite) if images else RunReport()
     outcomes: Dict[int, Outcome] = {i: o for (i, _), o in zip(images, report.outcomes)}
     start = time.perf_counter()

@@ -96,13 +96,17 @@ def test_truncated_video_parses_what_decodes_then_resumes(checkpoints, run_cli, 
     (inputs / "clip.avi").write_bytes(full[:len(full) // 2])  # a copy cut short
     args = ("--model-restore", checkpoints("pascal"), "--device", "cpu", "--input-dir", inputs,
             "--output-dir", out, "--every", "3")
+    dead = 2 ** 22 + 1  # above Linux's largest pid: temporaries of a process that is gone
+    (out / "clip").mkdir(parents=True)
+    (out / "clip" / f".frame_000003.schp-tmp-{dead}.png").write_bytes(b"partial")
+    (out / f".clip_parsing.schp-tmp-{dead}.mp4").write_bytes(b"partial")
     code, _, err = run_cli(*args)
     assert code == 1
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {inputs / 'clip.avi'}: decoding stopped at frame ")
     done = sorted(p.name for p in (out / "clip").iterdir())
     assert done and done == [f"frame_{i:06d}.png" for i in range(0, 3 * len(done), 3)]
-    assert not (out / "clip_parsing.mp4").exists() and sorted(p.name for p in out.iterdir()) == ["clip"]
+    assert sorted(p.name for p in out.iterdir()) == ["clip"]  # no video, and the stale temporaries are gone
     first = {name: (out / "clip" / name).stat().st_mtime_ns for name in done}
 
     (inputs / "clip.avi").write_bytes(full)  # the complete file arrives: the same command resumes
