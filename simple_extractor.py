@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-HERE = Path(__file__).resolve().parent
 EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -70,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list what would be processed or skipped and where outputs go; no model")
     p.add_argument("--summary", default=None, metavar="PATH", help="write a JSON manifest of the run")
     p.add_argument("--quiet", action="store_true", help="no progress bar; errors and the summary still print")
+    p.add_argument("--every", type=int, default=1, metavar="N",
+                   help="video inputs (.mp4 .avi .mov .mkv .webm): parse every Nth frame")
     p.add_argument("--legend", "--list-labels", dest="legend", action="store_true",
                    help="print each class of --dataset with its palette colour, and exit")
     return p
@@ -115,6 +116,7 @@ def parse_shard(text: Optional[str]):
 def plan_folder(args, spec) -> Plan:
     from datasets.simple_extractor_dataset import list_images
     from schp.runner import Task
+    from schp.video import is_video_name, video_task
 
     if not args.input_dir or not args.output_dir:
         raise SetupError("folder mode needs --input-dir and --output-dir (or use --integratedpifu-dir)")
@@ -124,14 +126,20 @@ def plan_folder(args, spec) -> Plan:
     if input_dir.resolve() == output_dir.resolve():
         raise SetupError("--output-dir must differ from --input-dir (outputs would be taken for inputs)")
     images, others = list_images(input_dir, args.recursive, exclude=output_dir)
+    videos = [o for o in others if is_video_name(o.name)]  # frame by frame, in schp/video.py
+    others = [o for o in others if not is_video_name(o.name)]
     notes = [f"skipping {input_dir / o}: not an image (extension not one of .jpg .jpeg .png .bmp "
              ".tif .tiff .webp)" for o in others]
     tasks, owner = [], {}
-    for rel in images:
+    for rel in sorted(images + videos, key=str):
         stem = rel.with_suffix("")
-        task = Task(source=input_dir / rel, name=str(rel), png=output_dir / f"{stem}.png",
-                    logits=output_dir / f"{stem}.npy" if args.logits else None,
-                    overlay=output_dir / f"{stem}_overlay.jpg" if args.overlay else None)
+        if is_video_name(rel.name):
+            task = video_task(input_dir, output_dir, rel, args.logits, args.overlay, args.every)
+            stem = (stem, "video")  # a.mp4 and a.jpg write different files; a.mp4 and a.avi the same
+        else:
+            task = Task(source=input_dir / rel, name=str(rel), png=output_dir / f"{stem}.png",
+                        logits=output_dir / f"{stem}.npy" if args.logits else None,
+                        overlay=output_dir / f"{stem}_overlay.jpg" if args.overlay else None)
         if stem in owner:  # a.jpg and a.png would write the same a.png: the first in order keeps it
             task.refusal = f"its outputs would overwrite those of {owner[stem].source}; rename one of them"
         owner.setdefault(stem, task)
@@ -217,33 +225,12 @@ def print_legend(spec) -> None:
 
 
 def load_parser(args, spec):
-    import torch
-    from schp.checkpoint import (CheckpointError, cached_zip_copy, check_state_dict, default_cache_dir,
-                                  read_state_dict, resolve_checkpoint)
-    from schp.inference import HumanParser, select_device, slow_bf16_warning
-    from networks import build_ce2p
+    from schp.api import load_parser as load
+    from schp.checkpoint import CheckpointError
 
     try:
-        device = select_device(args.device, args.gpu)
-    except (ValueError, RuntimeError) as err:
-        raise SetupError(str(err)) from None
-    warning = slow_bf16_warning(device, args.precision)
-    if warning:
-        print(warning, file=sys.stderr)
-    given = args.model_restore is not None
-    path = Path(args.model_restore) if given else HERE / "checkpoints" / spec.checkpoint
-    try:
-        path = resolve_checkpoint(path, spec, allow_download=not given or path.name == spec.checkpoint)
-        with torch.device("meta"):  # shapes only
-            expected = build_ce2p(spec.num_classes).state_dict()
-
-        def check(state):  # before any conversion: a refused checkpoint is never converted or cached
-            check_state_dict(state, expected, spec, path)
-
-        state = read_state_dict(cached_zip_copy(path, default_cache_dir(), check=check))
-        check(state)
-        return HumanParser(spec, state, device, args.precision, args.allow_tf32), path
-    except (CheckpointError, ValueError) as err:  # ValueError: a precision the device cannot run
+        return load(spec, args.model_restore, args.device, args.gpu, args.precision, args.allow_tf32)
+    except (CheckpointError, ValueError) as err:  # ValueError: a device or precision this machine lacks
         raise SetupError(str(err)) from None
 
 
@@ -258,7 +245,7 @@ def setup_message(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def write_manifest(path: Path, args, spec, checkpoint, parser, report, started: float) -> None:
+def write_manifest(path: Path, args, spec, checkpoint, parser, report, started: float, extra=None) -> None:
     import cv2
     import numpy as np
     import torch
@@ -283,9 +270,30 @@ def write_manifest(path: Path, args, spec, checkpoint, parser, report, started: 
                    for o in report.outcomes],
     }
     manifest["totals"]["inputs"] = len(report.outcomes)
+    manifest.update(extra or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+
+
+def torchrun_ranks():
+    """This process's rank when started by torchrun (RANK, WORLD_SIZE in the environment), else None."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    from schp.distributed import from_environment
+    try:
+        return from_environment()
+    except ValueError as err:
+        raise SetupError(f"torchrun environment: {err}") from None
+
+
+def start_ranks(ranks, args, parser) -> None:
+    """Meet the other ranks (gloo on the CPU, NCCL on GPUs); waits until every rank is set up."""
+    from schp.inference import select_device
+    try:
+        ranks.start(parser.device if parser else select_device(args.device, args.gpu))
+    except (RuntimeError, ValueError) as err:
+        raise SetupError(f"torchrun: cannot join the other processes: {str(err).splitlines()[0]}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -300,12 +308,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.batch_size < 1 or args.num_workers < 0:
             raise SetupError("--batch-size must be >= 1 and --num-workers >= 0")
+        if args.every < 1:
+            raise SetupError("--every must be >= 1")
         shard = parse_shard(args.shard)
         check_folders(args)
+        ranks = torchrun_ranks()
         plan = plan_integratedpifu(args, spec) if args.integratedpifu_dir else plan_folder(args, spec)
         if shard:
             index, count = shard
             plan.tasks = plan.tasks[index - 1::count]
+        if ranks:  # under torchrun: this process's share, as --shard RANK+1/WORLD_SIZE (after any --shard)
+            plan.tasks = ranks.share(plan.tasks)
+            args.device = ranks.device(args.device, args.gpu)
+            args.quiet = args.quiet or not ranks.is_main  # one progress bar
+            plan.notes = plan.notes if ranks.is_main else []
         for note in plan.notes:
             print(note, file=sys.stderr)
         if args.dry_run:
@@ -318,6 +334,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser, checkpoint = None, None  # nothing to compute: no need to load the model
         else:
             parser, checkpoint = load_parser(args, spec)
+        if ranks:
+            start_ranks(ranks, args, parser)
     except (SetupError, OSError, RuntimeError) as err:  # anything before the first input: one line
         remove_empty(created)
         print(f"error: {setup_message(err)}", file=sys.stderr)
@@ -331,14 +349,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import cv2
     cv2.setNumThreads(1)  # torch owns the cores; OpenCV's own pool would only compete with it
     runner = Runner(parser, get_palette(spec.num_classes), args.batch_size, args.num_workers, args.quiet)
-    report = runner.run(plan.tasks, overwrite=args.overwrite)
+    from schp.video import run_inputs
+    report = run_inputs(runner, plan.tasks, overwrite=args.overwrite)  # videos frame by frame after the images
+    if not ranks:
+        return finish(args, spec, checkpoint, parser, report, started)
+    from schp.distributed import gather_report
+    report, devices = gather_report(ranks, report, parser)  # every rank's outcomes, in input order
+    code = finish(args, spec, checkpoint, parser, report, started, {"devices": devices}) \
+        if ranks.is_main else exit_code(report)
+    ranks.barrier()  # the others exit only once rank 0 has written the manifest (torchrun stops all on a failure)
+    ranks.stop()
+    return code
+
+
+def finish(args, spec, checkpoint, parser, report, started, extra=None) -> int:
+    """Print the run's summary line, write its manifest, and return its exit code."""
     print(report.summary_line(), file=sys.stderr)
     if args.summary:
         try:
-            write_manifest(Path(args.summary), args, spec, checkpoint, parser, report, started)
+            write_manifest(Path(args.summary), args, spec, checkpoint, parser, report, started, extra)
         except OSError as err:
             print(f"error: cannot write --summary {args.summary}: {err.strerror or err}", file=sys.stderr)
             return EXIT_FAILED
+    return exit_code(report)
+
+
+def exit_code(report) -> int:
     if report.interrupted:
         return EXIT_INTERRUPTED
     if report.count("failed") or report.stopped_reason:

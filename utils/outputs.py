@@ -108,12 +108,24 @@ def integratedpifu_codes(labels: np.ndarray) -> np.ndarray:
     return INTEGRATEDPIFU_CODES[labels]
 
 
+def colorize_bgr(labels: np.ndarray, palette: Sequence[int]) -> np.ndarray:
+    """H x W x 3 uint8 BGR picture of a label map in the palette's colours."""
+    colors = np.array(palette, dtype=np.uint8).reshape(-1, 3)[:, ::-1]  # RGB palette -> BGR
+    return colors[labels]
+
+
+def blend_overlay(image_bgr: np.ndarray, labels: np.ndarray, palette: Sequence[int],
+                  alpha: float = 0.5) -> np.ndarray:
+    """The colour map blended over a BGR image, background pixels left as they are."""
+    blended = cv2.addWeighted(image_bgr, 1.0 - alpha, colorize_bgr(labels, palette), alpha, 0.0)
+    blended[labels == 0] = image_bgr[labels == 0]
+    return blended
+
+
 def save_overlay(image_bgr: np.ndarray, labels: np.ndarray, palette: Sequence[int], path: Path,
                  alpha: float = 0.5) -> None:
     """JPEG of the colour map blended over the image (background pixels left as they are)."""
-    colors = np.array(palette, dtype=np.uint8).reshape(-1, 3)[:, ::-1]  # RGB palette -> BGR
-    blended = cv2.addWeighted(image_bgr, 1.0 - alpha, colors[labels], alpha, 0.0)
-    blended[labels == 0] = image_bgr[labels == 0]
+    blended = blend_overlay(image_bgr, labels, palette, alpha)
     ok, data = cv2.imencode(".jpg", blended, [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:
         raise OSError(f"cannot encode {path.name} as JPEG")

@@ -1,0 +1,231 @@
+"""The Python API: load a model once, then parse images held in memory, with the command line's maps.
+
+`SCHP(...)` loads a checkpoint the way simple_extractor.py does (`load_parser`, which the command line
+calls too); `parse` and `parse_batch` turn NumPy arrays, PIL images or file paths into the BGR pixels
+that cv2.imread would give for the same picture and hand them to HumanParser.parse, the extractor's
+own decode-crop-model-warp path. So a map from here equals, bit for bit, the PNG the command line
+writes for the same image with the same options.
+"""
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from datasets.catalog import DATASETS, DatasetSpec
+
+ROOT = Path(__file__).resolve().parents[1]  # where checkpoints/ holds the released files
+COLORS = ("bgr", "rgb")
+Labels = np.ndarray  # H x W uint8 class indices
+
+
+def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None, device="auto",
+                gpu: Optional[str] = None, precision: str = "fp32", allow_tf32: bool = False,
+                **options):
+    """(HumanParser, checkpoint path): the checkpoint read safely, checked against the network, on a device.
+
+    `checkpoint` None means checkpoints/<released file of spec> in the repository, downloaded when
+    missing (a given path is downloaded only if it has the released file name). `options` go to
+    HumanParser (flip, scales, backend...). Raises CheckpointError or ValueError with one sentence.
+    """
+    import torch
+    from networks import build_ce2p
+    from schp.checkpoint import (cached_zip_copy, check_state_dict, default_cache_dir, read_state_dict,
+                                 resolve_checkpoint)
+    from schp.inference import HumanParser, select_device, slow_bf16_warning
+
+    try:
+        device = device if isinstance(device, torch.device) else select_device(str(device), gpu)
+    except RuntimeError as err:  # torch.device("bogus")
+        raise ValueError(str(err)) from None
+    warning = slow_bf16_warning(device, precision)
+    if warning:
+        print(warning, file=sys.stderr)
+    given = checkpoint is not None
+    path = Path(checkpoint) if given else ROOT / "checkpoints" / spec.checkpoint
+    backend = options.pop("backend", "torch")
+    if "backend" in inspect.signature(HumanParser.__init__).parameters:
+        options["backend"] = backend
+    elif backend != "torch":
+        raise ValueError(f"backend {backend!r} is not available in this version (only 'torch')")
+    path = resolve_checkpoint(path, spec, allow_download=not given or path.name == spec.checkpoint)
+    with torch.device("meta"):  # shapes only
+        expected = build_ce2p(spec.num_classes).state_dict()
+
+    def check(state):  # before any conversion: a refused checkpoint is never converted or cached
+        check_state_dict(state, expected, spec, path)
+
+    state = read_state_dict(cached_zip_copy(path, default_cache_dir(), check=check))
+    check(state)
+    return HumanParser(spec, state, device, precision, allow_tf32, **options), path
+
+
+def _check_color(color: Optional[str], what: str) -> str:
+    if color is None:
+        raise ValueError(f"{what}: say which channel order it holds: color='bgr' (OpenCV) or "
+                         "color='rgb' (PIL, imageio, matplotlib)")
+    if color not in COLORS:
+        raise ValueError(f"color must be 'bgr' or 'rgb', not {color!r}")
+    return color
+
+
+def _pil_to_bgr(image) -> np.ndarray:
+    """A PIL image as cv2.imread(IMREAD_COLOR) would decode the same file: EXIF orientation applied,
+    alpha dropped (not blended), grey and palette expanded, 16-bit scaled down by 256."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":  # 16-bit grey (PNG, TIFF); "I" holds them as int32
+        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if mode == "F":
+        raise ValueError("a PIL image in mode 'F' (32-bit float) is not supported: convert it to 8-bit "
+                         "(e.g. Image.fromarray(np.uint8(...))) first")
+    rgb = np.asarray(image if mode == "RGB" else image.convert("RGB"))
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def _array_to_bgr(array: np.ndarray, color: Optional[str]) -> np.ndarray:
+    if array.dtype != np.uint8:
+        raise TypeError(f"image arrays must be uint8 (0-255), not {array.dtype}: convert with "
+                        "np.clip(x * 255, 0, 255).astype(np.uint8) for 0-1 floats, or x.astype(np.uint8)")
+    if array.size == 0:
+        raise ValueError(f"the image array is empty (shape {array.shape})")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:  # grey, replicated as imread does
+        return np.ascontiguousarray(np.repeat(array[:, :, None], 3, axis=2))
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"an image array must be H x W (grey), H x W x 3 (colour) or H x W x 4 (colour "
+                         f"and alpha), not shape {array.shape}")
+    order = _check_color(color, f"an H x W x {array.shape[2]} array")
+    pixels = array[:, :, :3]  # alpha dropped, as imread does
+    return np.ascontiguousarray(pixels if order == "bgr" else pixels[:, :, ::-1])
+
+
+def to_bgr(image, color: Optional[str] = None) -> np.ndarray:
+    """H x W x 3 uint8 BGR pixels of `image`, as cv2.imread would decode the same picture from a file.
+
+    `image`: a path (str or os.PathLike, decoded by the extractor's own reader), a PIL image (any
+    mode), or a uint8 NumPy array: H x W grey, H x W x 3 or H x W x 4 (alpha dropped) whose channel
+    order `color` ('bgr' or 'rgb') must name. TypeError / ValueError with a sentence for anything else.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        from datasets.simple_extractor_dataset import ImageError, read_image
+        try:
+            return read_image(Path(image))
+        except ImageError as err:
+            raise ValueError(f"{image}: {err}") from None
+    if isinstance(image, np.ndarray):
+        return _array_to_bgr(image, color)
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a requirement
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        return _pil_to_bgr(image)
+    raise TypeError(f"cannot parse a {type(image).__name__}: pass a NumPy uint8 array, a PIL image "
+                    "or a path to an image file")
+
+
+class SCHP:
+    """A released SCHP model, loaded once, for parsing images from Python.
+
+    >>> model = SCHP("lip")                      # checkpoints/exp-schp-201908261155-lip.pth
+    >>> labels = model.parse(image, color="bgr")  # H x W uint8 class indices
+    >>> model.labels[labels[0, 0]], model.colorize(labels)
+
+    `checkpoint`: a file (default: the released file of `dataset` under checkpoints/, downloaded when
+    missing). `device`: "auto", "cpu", "cuda", "cuda:N". `precision`: "fp32" (the original's maps),
+    "bf16", "fp16" (CUDA). `flip` / `scales`: test-time augmentation. `batch_size`: images per forward
+    pass in parse_batch (the command line's --batch-size). `backend`: the inference engine.
+    """
+
+    def __init__(self, dataset: str = "pascal", checkpoint: Optional[Union[str, Path]] = None,
+                 device="auto", precision: str = "fp32", flip: bool = False,
+                 scales: Sequence[float] = (1.0,), backend: str = "torch", batch_size: int = 1,
+                 allow_tf32: bool = False):
+        from utils.palette import get_palette
+
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}: one of {', '.join(sorted(DATASETS))}")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.spec = DATASETS[dataset]
+        self.parser, self.checkpoint = load_parser(self.spec, checkpoint, device, None, precision, allow_tf32,
+                                                   flip=flip, scales=scales, backend=backend)
+        self.batch_size = batch_size
+        self.palette = get_palette(self.spec.num_classes)
+
+    @property
+    def labels(self) -> Tuple[str, ...]:
+        """Class names; a map's value i is the class labels[i]."""
+        return self.spec.labels
+
+    @property
+    def device(self):
+        return self.parser.device
+
+    def parse(self, image, color: Optional[str] = None, logits: bool = False):
+        """H x W uint8 label map of one image at its own size; with `logits`, (labels, H x W x C float32
+        logits) as --logits writes them. See `to_bgr` for what `image` may be."""
+        return self.parse_batch([image], color, logits)[0]
+
+    def parse_batch(self, images: Sequence, color: Optional[str] = None, logits: bool = False) -> List:
+        """`parse` for a list of images (sizes may differ), `batch_size` per forward pass."""
+        if isinstance(images, (np.ndarray, str, os.PathLike)) or not isinstance(images, Sequence):
+            raise TypeError("parse_batch takes a list of images; use parse for one image")
+        pixels = [to_bgr(image, color) for image in images]
+        results = []
+        for start in range(0, len(pixels), self.batch_size):
+            results += self.parser.parse(pixels[start:start + self.batch_size], with_logits=logits)
+        return results
+
+    def colorize(self, labels: Labels, color: str = "rgb") -> np.ndarray:
+        """H x W x 3 uint8 picture of a label map in the palette colours of the PNG outputs."""
+        from utils.outputs import colorize_bgr
+
+        bgr = colorize_bgr(self._check_labels(labels), self.palette)
+        return bgr if _check_color(color, "colorize") == "bgr" else np.ascontiguousarray(bgr[:, :, ::-1])
+
+    def overlay(self, image, labels: Labels, color: Optional[str] = None, alpha: float = 0.5) -> np.ndarray:
+        """H x W x 3 uint8: the colour map blended over the image (background left as is), as --overlay.
+
+        The result's channel order is `color`: required for 3/4-channel arrays (it names their order
+        too), 'rgb' by default for grey arrays, PIL images and paths.
+        """
+        from utils.outputs import blend_overlay
+
+        is_colour_array = isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] > 1
+        order = color if is_colour_array or color is not None else "rgb"
+        bgr = to_bgr(image, order)
+        labels = self._check_labels(labels)
+        if labels.shape != bgr.shape[:2]:
+            raise ValueError(f"labels {labels.shape} and image {bgr.shape[:2]} differ in size")
+        out = blend_overlay(bgr, labels, self.palette, alpha)
+        return out if _check_color(order, "overlay") == "bgr" else np.ascontiguousarray(out[:, :, ::-1])
+
+    def to_pil(self, labels: Labels):
+        """The label map as a palette ('P') PIL image, the same as the PNG the command line writes."""
+        from PIL import Image
+
+        image = Image.fromarray(np.ascontiguousarray(self._check_labels(labels)))
+        image.putpalette(list(self.palette))
+        return image
+
+    def _check_labels(self, labels) -> np.ndarray:
+        labels = np.asarray(labels)
+        if labels.ndim != 2 or labels.dtype != np.uint8:
+            raise ValueError(f"labels must be an H x W uint8 map (from parse), not {labels.dtype} {labels.shape}")
+        if labels.size and labels.max() >= self.spec.num_classes:
+            raise ValueError(f"labels hold class {labels.max()}, beyond the {self.spec.num_classes} of "
+                             f"{self.spec.name}")
+        return labels
+
+    def __repr__(self) -> str:
+        p = self.parser
+        return (f"SCHP(dataset={self.spec.name!r}, checkpoint={str(self.checkpoint)!r}, device={str(p.device)!r}, "
+                f"precision={p.precision!r}, flip={p.flip}, scales={p.scales})")
