@@ -70,14 +70,30 @@ class InPlaceABN(nn.Module):
                             momentum=self.momentum, eps=self.eps)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over all ranks; the gradient of a sum is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor, group=group)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def _sync_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, group):
     """Batch norm over the batches of all ranks: autograd-aware all-reduce of per-channel sums."""
-    from torch.distributed.nn.functional import all_reduce
-
     dims = (0, 2, 3)
+    dtype, x = x.dtype, x.float()  # statistics in fp32 also under autocast
     local_n = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
     stats = torch.cat([x.sum(dims), (x * x).sum(dims), local_n])
-    stats = all_reduce(stats) if group == "world" else all_reduce(stats, group=group)
+    stats = _AllReduceSum.apply(stats, None if group == "world" else group)
     c = x.shape[1]
     n = stats[-1]
     mean = stats[:c] / n
@@ -86,7 +102,7 @@ def _sync_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, 
         running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
         running_var.mul_(1 - momentum).add_(momentum * var.detach() * n / (n - 1))
     scale = torch.rsqrt(var + eps) * weight
-    return x * scale[None, :, None, None] + (bias - mean * scale)[None, :, None, None]
+    return (x * scale[None, :, None, None] + (bias - mean * scale)[None, :, None, None]).to(dtype)
 
 
 class FoldedABN(nn.Module):

@@ -290,3 +290,47 @@ def test_bn_reestimation_is_the_cumulative_mean_over_the_loader():
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layer.running_var, torch.stack([s[1] for s in stats[index]]).mean(0),
                                    rtol=1e-5, atol=1e-5)
+
+
+def _sync_bn_worker(rank, world, port, x_full, folder):
+    import os
+    import torch.distributed as dist
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        abn = InPlaceABN(3).train()
+        abn.sync_group = "world"
+        with torch.no_grad():
+            abn.weight.copy_(torch.tensor([-2.0, 0.5, 1.0]))
+        x = x_full[rank * 2:(rank + 1) * 2].clone().requires_grad_()
+        y = abn(x)
+        (y * torch.arange(y.numel()).reshape(y.shape).float().sin()[:]).sum().backward()
+        torch.save({"y": y.detach(), "dx": x.grad, "dw": abn.weight.grad, "rm": abn.running_mean,
+                    "rv": abn.running_var}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_bn_over_two_gloo_processes_equals_one_big_batch(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    x_full = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    mp.spawn(_sync_bn_worker, args=(2, port, x_full, str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    abn = InPlaceABN(3).train()
+    with torch.no_grad():
+        abn.weight.copy_(torch.tensor([-2.0, 0.5, 1.0]))
+    x = x_full.clone().requires_grad_()
+    y = abn(x)
+    weights = torch.cat([torch.arange(y[:2].numel()).reshape(y[:2].shape).float().sin()] * 2)
+    (y * weights).sum().backward()
+    for r in range(2):
+        torch.testing.assert_close(got[r]["y"], y[r * 2:(r + 1) * 2].detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[r]["dx"], x.grad[r * 2:(r + 1) * 2], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[r]["rm"], abn.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[r]["rv"], abn.running_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0]["dw"] + got[1]["dw"], abn.weight.grad, rtol=1e-4, atol=1e-4)
