@@ -334,3 +334,46 @@ def test_sync_bn_over_two_gloo_processes_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(got[r]["rm"], abn.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[r]["rv"], abn.running_var, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[0]["dw"] + got[1]["dw"], abn.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_init_from_a_released_checkpoint_reinitialises_only_the_heads(checkpoints):
+    from networks import CE2P
+    from schp.checkpoint import read_state_dict
+    from schp.training.trainer import load_init
+
+    torch.manual_seed(0)
+    model = CE2P(4)
+    fresh_head = model.fushion[3].weight.detach().clone()
+    heads = load_init(model, checkpoints("pascal"))
+    assert heads == ["decoder.conv4", "fushion.3"]
+    released = read_state_dict(checkpoints("pascal"))
+    state = model.state_dict()
+    assert torch.equal(state["layer3.7.conv2.weight"], released["layer3.7.conv2.weight"])
+    assert torch.equal(state["fushion.0.weight"], released["fushion.0.weight"])
+    assert torch.equal(state["fushion.3.weight"], fresh_head) and state["fushion.3.weight"].shape[0] == 4
+
+
+def test_imagenet_backbone_loading_rules(tmp_path):
+    from networks import CE2P
+    from schp.training.trainer import TrainingError, load_imagenet
+
+    torch.manual_seed(1)
+    donor = CE2P(7).state_dict()
+    backbone = {k: v.clone() for k, v in donor.items() if k.startswith(("conv", "bn", "layer"))}
+    file = dict(backbone, **{"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000),
+                             "bn1.num_batches_tracked": torch.tensor(5)})
+    torch.save(file, tmp_path / "resnet101-imagenet.pth")
+    torch.manual_seed(2)
+    model = CE2P(7)
+    head = model.decoder.conv4.weight.detach().clone()
+    load_import = load_imagenet(model, tmp_path / "resnet101-imagenet.pth")
+    assert load_import is None
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in backbone.items())
+    assert torch.equal(state["decoder.conv4.weight"], head)  # decoder keeps its own init
+    del file["layer4.2.conv3.weight"]
+    torch.save(file, tmp_path / "partial.pth")
+    with pytest.raises(TrainingError, match="1 missing.*layer4.2.conv3.weight"):
+        load_imagenet(model, tmp_path / "partial.pth")
+    with pytest.raises(TrainingError, match="no such file.*--imagenet-pretrain none"):
+        load_imagenet(model, tmp_path / "absent.pth")
