@@ -505,7 +505,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, say) -> int:
             write_metrics(metrics_path, rows)
             draw_curves(rows, log_dir / "curves.png")
             say(f"epoch {epoch}: loss {row['loss']:.4f}  lr {lr:.4g}  cycle {cycle_used}"
-                + (f"  val mIoU {row['val_mean_iou']:.4f}" if "val_mean_iou" in row else "")
+                + (f"  val mIoU {row['val_mean_iou']:.2f}%" if "val_mean_iou" in row else "")
                 + f"  {row['seconds']:.1f} s")
         ctx.barrier()
     if stop_at < cfg.epochs:
