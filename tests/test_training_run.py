@@ -42,7 +42,20 @@ def pascal_run(tmp_path_factory):
     log = root / "log"
     code = run_train("--dataset", "pascal", "--data-dir", data, "--epochs", 4, "--warmup-epochs", 1,
                      "--schp-start", 2, "--cycle-epochs", 1, "--eval-epochs", 2, "--log-dir", log)
-    return code, data, log
+    yield code, data, log
+    remove_checkpoints(root)
+
+
+def remove_checkpoints(folder):
+    """Each run writes ~2 GB of checkpoints (66.8 M values per model); don't leave them in /tmp."""
+    for path in folder.rglob("*.pth.tar"):
+        path.unlink()
+
+
+@pytest.fixture(autouse=True)
+def no_big_files_left(tmp_path):
+    yield
+    remove_checkpoints(tmp_path)
 
 
 def test_pascal_run_writes_the_released_files_and_follows_the_schedule(pascal_run):

@@ -31,7 +31,7 @@ from schp.training.curves import draw_curves
 from schp.training.losses import SCHPLoss
 from schp.training.schedule import is_cycle_end, learning_rate
 from schp.training.self_correction import aggregate_parameters, reestimate_bn
-from utils.outputs import atomic_path
+from utils.outputs import atomic_path, remove_stale_temporaries
 
 IMAGENET_URL = "http://sceneparsing.csail.mit.edu/model/pretrained_resnet/resnet101-imagenet.pth"
 BACKBONE = ("conv1.", "conv2.", "conv3.", "bn1.", "bn2.", "bn3.", "layer1.", "layer2.", "layer3.", "layer4.")
@@ -341,6 +341,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, say) -> int:
     if ctx.main:
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(log_dir)  # half-written files of a killed run
         except OSError as err:
             raise TrainingError(f"--log-dir {log_dir}: {err.strerror or err}") from None
 
