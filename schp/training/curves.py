@@ -11,7 +11,7 @@ from utils.outputs import atomic_path
 
 PANEL_W, PANEL_H, MARGIN = 420, 260, 48
 SERIES = (("loss", "loss (mean per epoch)", (31, 119, 180)), ("lr", "learning rate", (255, 127, 14)),
-          ("val_mean_iou", "val mIoU", (44, 160, 44)))
+          ("val_mean_iou", "val mIoU (%)", (44, 160, 44)))
 
 
 def _panel(draw: ImageDraw.ImageDraw, left: int, title: str, xs: Sequence[float], ys: Sequence[float],
