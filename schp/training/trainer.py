@@ -296,13 +296,21 @@ def make_loader(dataset: TrainingSet, cfg: TrainConfig, ctx: Distributed, seed: 
 
 def train(cfg: TrainConfig) -> int:
     """Run a training job; returns the exit code (0 done, 1 bad data or a non-finite loss, 2 set-up)."""
-    ctx = Distributed(cfg.device, cfg.gpu)
+    try:
+        ctx = Distributed(cfg.device, cfg.gpu)
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if ctx.main else (lambda line: None)
     try:
         return _train(cfg, ctx, say)
     except TrainingError as err:
         say(f"error: {err}")
         return err.exit_code
+    except DataError as err:  # a sample that passed the check but fails to decode; from a worker the
+        line = str(err).strip().splitlines()[-1]  # message ends with the original "...DataError: <file>: ..."
+        say(f"error: {line.split('DataError: ', 1)[-1]}")
+        return 1
     finally:
         ctx.close()
 
