@@ -57,8 +57,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lambda-e", type=float, default=1.0, help="weight of the edge term")
     p.add_argument("--lambda-c", type=float, default=0.1, help="weight of the consistency term")
     # added
-    p.add_argument("--dataset", default="lip", choices=["lip", "atr", "pascal", "custom"],
-                   help="input size, classes and left/right pairs of the catalog; custom: --num-classes")
+    p.add_argument("--dataset", default=None, choices=["lip", "atr", "pascal", "custom"],
+                   help="input size, classes and left/right pairs of the catalog; custom: --num-classes. "
+                        "Default: the catalog dataset with --num-classes classes (lip for 20), else custom")
     p.add_argument("--flip-pairs", default=None, metavar="L:R,...",
                    help="left:right class pairs swapped when mirroring (custom; default the dataset's)")
     p.add_argument("--labels", default=None, metavar="NAME,...", help="class names of a custom label set")
@@ -104,6 +105,10 @@ def build_config(args):
         raise UsageError(f"--input-size {args.input_size}: expected H,W (each >= 32), e.g. 473,473") from None
     if args.ignore_label != 255:
         raise UsageError("--ignore-label: only 255 is supported (labels are 8-bit, 255 = ignore)")
+    if args.dataset is None:  # a released command line: only --num-classes says which set
+        count = 20 if args.num_classes is None else args.num_classes
+        args.dataset = next((d.name for d in DATASETS.values() if d.num_classes == count), "custom")
+        args.num_classes = count
     try:
         pairs = parse_flip_pairs(args.flip_pairs) if args.flip_pairs is not None else None
         if args.dataset == "custom":
@@ -114,11 +119,8 @@ def build_config(args):
         else:
             base = DATASETS[args.dataset]
             if args.num_classes is not None and args.num_classes != base.num_classes:
-                if args.num_classes == 20 and args.dataset != "lip":
-                    pass  # the released default --num-classes 20 next to another dataset: the dataset wins
-                else:
-                    raise UsageError(f"--num-classes {args.num_classes}: {args.dataset} has "
-                                     f"{base.num_classes} classes (use --dataset custom for another set)")
+                raise UsageError(f"--num-classes {args.num_classes}: {args.dataset} has "
+                                 f"{base.num_classes} classes (use --dataset custom for another set)")
             spec = custom_spec(base.num_classes, base.labels, input_size or base.input_size,
                                base.flip_pairs if pairs is None else pairs)
             from dataclasses import replace
