@@ -204,3 +204,27 @@ def test_torchrun_two_cpu_processes_write_one_set_of_files(tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1]  # written once, by rank 0
     assert all(r["iterations"] == 1 for r in rows)  # 4 images, 2 ranks x batch 2: each rank its shard
     assert done.stderr.count("samples in") == 1  # only rank 0 prints
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "custom"], "--dataset custom needs --num-classes"),
+    (["--dataset", "pascal", "--num-classes", "20"], "pascal has 7 classes"),
+    (["--dataset", "custom", "--num-classes", "4", "--flip-pairs", "1:9"], "flip pairs"),
+    (["--input-size", "64"], "--input-size 64: expected H,W"),
+    (["--resume", "/nonexistent/last.pth.tar", "--num-classes", "4", "--batch-size", "2"],
+     "no such file (nothing to resume)")])
+def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    data = make_dataset(tmp_path / "data", 4, train=2)
+    code = train.main(argv + ["--data-dir", str(data), "--log-dir", str(tmp_path / "log"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_released_command_lines_pick_the_dataset_from_the_class_count():
+    for count, name in (("20", "lip"), ("18", "atr"), ("7", "pascal"), ("5", "custom")):
+        config = train.build_config(train.parse_args(["--num-classes", count]))
+        assert config.spec.name == name and config.spec.num_classes == int(count)
+    atr = train.build_config(train.parse_args(["--dataset", "atr"]))
+    assert atr.flip_pairs == ((9, 10), (12, 13), (14, 15)) and atr.spec.input_size == (512, 512)
+    legacy = train.build_config(train.parse_args(["--dataset", "atr", "--legacy-lip-pairs"]))
+    assert legacy.flip_pairs == ((14, 15), (16, 17), (18, 19))
