@@ -269,8 +269,12 @@ def validate(spec: DatasetSpec, state: Dict[str, torch.Tensor], data_dir: Path, 
 
     if evaluate is None:
         from schp.evaluation import evaluate  # the evaluator's module; imported only when validating
-    parser = HumanParser(spec, state, device)
-    result = evaluate(parser, data_dir, "val", quiet=True)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        parser = HumanParser(spec, state, device)  # sets the TF32 switches for exact inference
+        result = evaluate(parser, data_dir, "val", quiet=True)
+    finally:  # training goes on with the switches it had
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return {"val_mean_iou": float(result.mean_iou), "val_pixel_accuracy": float(result.pixel_accuracy),
             "val_mean_accuracy": float(result.mean_accuracy), "val": result.as_dict()}
 
