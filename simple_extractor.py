@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         description="Self-Correction Human Parsing extractor: a palette PNG label map per image.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="pascal", choices=["lip", "atr", "pascal"],
-                   help="which released model: its labels and input size")
+    p.add_argument("--dataset", default="pascal", choices=["lip", "atr", "pascal", "custom"],
+                   help="which released model: its labels and input size; custom: those stored in "
+                        "--model-restore by train.py")
     p.add_argument("--model-restore", default=None,
                    help="checkpoint file; default checkpoints/<released file of --dataset>, "
                         "downloaded there when missing")
@@ -224,6 +225,20 @@ def print_legend(spec) -> None:
           for i, (name, rgb) in enumerate(zip(spec.labels, class_colors(spec.num_classes)))])
 
 
+def dataset_spec(args):
+    """The catalog's dataset, or for --dataset custom the label set stored in the checkpoint."""
+    from datasets.catalog import DATASETS
+    if args.dataset != "custom":
+        return DATASETS[args.dataset]
+    from schp.checkpoint import CheckpointError, spec_from_checkpoint
+    if args.model_restore is None:
+        raise SetupError("--dataset custom needs --model-restore (a checkpoint written by train.py)")
+    try:
+        return spec_from_checkpoint(Path(args.model_restore))
+    except CheckpointError as err:
+        raise SetupError(str(err)) from None
+
+
 def load_parser(args, spec):
     from schp.api import load_parser as load
     from schp.checkpoint import CheckpointError
@@ -299,8 +314,11 @@ def start_ranks(ranks, args, parser) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     started = time.time()
-    from datasets.catalog import DATASETS
-    spec = DATASETS[args.dataset]
+    try:
+        spec = dataset_spec(args)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SETUP
     if args.legend:
         print_legend(spec)
         return EXIT_OK

@@ -79,3 +79,40 @@ def dataset_for_num_classes(num_classes: int) -> str:
     """Name(s) of the dataset(s) whose model has this many classes, for error messages."""
     names = [d.name for d in DATASETS.values() if d.num_classes == num_classes]
     return " or ".join(names) if names else f"none of {sorted(DATASETS)}"
+
+
+def custom_spec(num_classes: int, labels=None, input_size=(473, 473), flip_pairs=()) -> DatasetSpec:
+    """A label set of the user's own (training with --dataset custom, or read back from its checkpoint).
+
+    Class ids are 8-bit with 255 = ignore, so 2..255 classes; `labels` default to "class 0", "class 1"...
+    `flip_pairs` are (left, right) class pairs exchanged when an image is mirrored.
+    """
+    num_classes = int(num_classes)
+    if not 2 <= num_classes <= 255:
+        raise ValueError(f"a custom label set needs 2..255 classes (labels are 8-bit, 255 = ignore), "
+                         f"got {num_classes}")
+    labels = tuple(str(n) for n in labels) if labels else tuple(f"class {i}" for i in range(num_classes))
+    if len(labels) != num_classes:
+        raise ValueError(f"{len(labels)} label names for {num_classes} classes")
+    pairs = tuple((int(a), int(b)) for a, b in flip_pairs)
+    used = [c for pair in pairs for c in pair]
+    if any(not 0 <= c < num_classes for c in used) or len(set(used)) != len(used) \
+            or any(a == b for a, b in pairs):
+        raise ValueError(f"flip pairs {pairs}: each class at most once, all in 0..{num_classes - 1}")
+    height, width = (int(v) for v in input_size)
+    return DatasetSpec(name="custom", input_size=(height, width), labels=labels, checkpoint="",
+                       drive_id="", miou="", flip_pairs=pairs)
+
+
+def parse_flip_pairs(text: str):
+    """'14:15,16:17' -> ((14, 15), (16, 17)); '' -> ()."""
+    pairs = []
+    for item in (text or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        try:
+            left, right = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise ValueError(f"flip pair {item!r}: expected LEFT:RIGHT class ids, e.g. 14:15") from None
+        pairs.append((left, right))
+    return tuple(pairs)

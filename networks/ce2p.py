@@ -2,7 +2,8 @@
 
 Re-implemented from the published SCHP code (networks/AugmentCE2P.py) in plain PyTorch: the attribute
 names below are the checkpoint's keys (after the DataParallel `module.` prefix), so the released files
-load strictly. InPlace-ABN is replaced by its inference formula; no CUDA extension is needed.
+load strictly. InPlace-ABN is written with plain PyTorch operations (no CUDA extension), for inference
+and training alike.
 """
 from typing import List, NamedTuple, Optional
 
@@ -12,12 +13,14 @@ from torch import nn
 
 
 class InPlaceABN(nn.Module):
-    """Inference-time InPlace-ABN: batch norm with running statistics, then an optional leaky ReLU.
+    """InPlace-ABN: batch norm, then an optional leaky ReLU.
 
     y = (x - running_mean) * rsqrt(running_var + eps) * (|weight| + eps) + bias, eps = 1e-5.
     The `|weight| + eps` is what the InPlace-ABN library computes (it keeps scales positive so the
     activation stays invertible); a plain BatchNorm port is wrong for every negative scale.
     Holds exactly the four checkpoint tensors `weight, bias, running_mean, running_var`.
+    In training mode it normalises with the batch's statistics and updates the running ones with
+    `momentum` (0.1; the unbiased variance), as the library's training kernels do.
 
     Shapes: N x C x H x W -> N x C x H x W.
     """
@@ -34,6 +37,8 @@ class InPlaceABN(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        self.momentum = 0.1  # of the running statistics in training mode
+        self.sync_group = None  # "world" (or a process group): synchronised statistics under DDP
 
     def scale_shift(self):
         """Per-channel (scale, shift) such that the normalisation is `x * scale + shift`."""
@@ -46,9 +51,58 @@ class InPlaceABN(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.activate(self._train_norm(x))
         scale = torch.rsqrt(self.running_var + self.eps) * (self.weight.abs() + self.eps)
         x = (x - self.running_mean[:, None, None]) * scale[:, None, None] + self.bias[:, None, None]
         return self.activate(x)
+
+    def _train_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """Batch statistics (biased variance for the output, unbiased for the running update), as the
+        InPlace-ABN library trains; the gradient flows through mean and variance. With `sync_group`
+        set (and torch.distributed initialised) the statistics are those of the whole global batch."""
+        weight = self.weight.abs() + self.eps
+        if self.sync_group is not None and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            return _sync_batch_norm(x, weight, self.bias, self.running_mean, self.running_var,
+                                    self.momentum, self.eps, self.sync_group)
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, self.bias, training=True,
+                            momentum=self.momentum, eps=self.eps)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over all ranks; the gradient of a sum is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor, group=group)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _sync_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, group):
+    """Batch norm over the batches of all ranks: autograd-aware all-reduce of per-channel sums."""
+    dims = (0, 2, 3)
+    dtype, x = x.dtype, x.float()  # statistics in fp32 also under autocast
+    local_n = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
+    stats = torch.cat([x.sum(dims), (x * x).sum(dims), local_n])
+    stats = _AllReduceSum.apply(stats, None if group == "world" else group)
+    c = x.shape[1]
+    n = stats[-1]
+    mean = stats[:c] / n
+    var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
+        running_var.mul_(1 - momentum).add_(momentum * var.detach() * n / (n - 1))
+    scale = torch.rsqrt(var + eps) * weight
+    return (x * scale[None, :, None, None] + (bias - mean * scale)[None, :, None, None]).to(dtype)
 
 
 class FoldedABN(nn.Module):

@@ -268,3 +268,33 @@ def resolve_checkpoint(path: Path, spec: DatasetSpec, allow_download: bool) -> P
                           f"{spec.checkpoint}, at {spec.url})")
 
 
+
+
+def read_label_facts(path: Path) -> Optional[dict]:
+    """The `labels`, `input_size` and `flip_pairs` a trained checkpoint carries (None for released files)."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip_checkpoint(path))
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path}: {_load_error_reason(err)}") from None
+    if not isinstance(obj, Mapping) or not all(k in obj for k in ("labels", "input_size")):
+        return None
+    return {"labels": list(obj["labels"]), "input_size": tuple(obj["input_size"]),
+            "flip_pairs": tuple(tuple(p) for p in obj.get("flip_pairs", ()))}
+
+
+def spec_from_checkpoint(path: Path) -> DatasetSpec:
+    """The label set of a checkpoint trained with train.py (--dataset custom at inference)."""
+    from datasets.catalog import custom_spec
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    facts = read_label_facts(path)
+    if facts is None:
+        raise CheckpointError(f"checkpoint {path} carries no label set (labels, input_size): "
+                              "--dataset custom needs a checkpoint written by train.py")
+    try:
+        return custom_spec(len(facts["labels"]), facts["labels"], facts["input_size"], facts["flip_pairs"])
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None

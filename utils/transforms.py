@@ -32,15 +32,21 @@ def _third_point(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def get_affine_transform(center: np.ndarray, scale: np.ndarray, output_size: Size,
-                         inv: bool = False) -> np.ndarray:
+                         inv: bool = False, rotation: float = 0.0) -> np.ndarray:
     """2 x 3 float64 matrix mapping image -> network input (or back with `inv`).
 
     Built like the original, from three float32 point pairs through cv2.getAffineTransform, so the
     matrix is bit-identical to the one the released pipeline used (the fixed-point warp is sensitive
     to its last bits). Corner-aligned: the destination centre is ((in_w-1)/2, (in_h-1)/2).
+    `rotation` (degrees, training augmentation) turns the content counter-clockwise about the centre.
     """
     dst_h, dst_w = output_size
-    src_dir = np.array([0.0, scale[0] * -0.5], dtype=np.float32)
+    if rotation:
+        sn, cs = np.sin(np.pi * rotation / 180), np.cos(np.pi * rotation / 180)
+        point = [0, scale[0] * -0.5]  # the original's get_dir, same float types and order
+        src_dir = np.array([point[0] * cs - point[1] * sn, point[0] * sn + point[1] * cs])
+    else:
+        src_dir = np.array([0.0, scale[0] * -0.5], dtype=np.float32)
     dst_dir = np.array([0.0, (dst_w - 1) * -0.5], dtype=np.float32)
     src = np.zeros((3, 2), dtype=np.float32)
     dst = np.zeros((3, 2), dtype=np.float32)

@@ -1,0 +1,1 @@
+"""Training with self-correction: losses, learning-rate schedule, SCHP aggregation, the training loop."""
