@@ -9,14 +9,18 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_MAX_PIXELS = 200_000_000  # = datasets.simple_extractor_dataset.DEFAULT_MAX_PIXELS (not imported: heavy)
+NOT_IMAGE_LINES = 5  # without --quiet, non-image files named one a line up to this many, then counted
 
 
 class SetupError(Exception):
@@ -55,6 +59,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be processed or skipped and where outputs go; no model")
     p.add_argument("--summary", default=None, metavar="PATH", help="write a JSON manifest of the run")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse (fail) inputs whose header declares more than N pixels, before decoding "
+                        "them: a decoded image takes 3 bytes a pixel; 0 = no limit")
     p.add_argument("--quiet", action="store_true", help="no progress bar; errors and the summary still print")
     p.add_argument("--legend", "--list-labels", dest="legend", action="store_true",
                    help="print each class of --dataset with its palette colour, and exit")
@@ -63,9 +70,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 @dataclass
 class Plan:
-    """What a run will do: the tasks, and any notes found while listing them."""
+    """What a run will do: the tasks, any notes found while listing them, and the files that are not
+    images (skipped; listed in the manifest)."""
     tasks: list
     notes: List[str]
+    not_images: List[Path] = field(default_factory=list)
 
 
 def parse_shard(text: Optional[str]):
@@ -92,8 +101,7 @@ def plan_folder(args, spec) -> Plan:
     if input_dir.resolve() == output_dir.resolve():
         raise SetupError("--output-dir must differ from --input-dir (outputs would be taken for inputs)")
     images, others = list_images(input_dir, args.recursive, exclude=output_dir)
-    notes = [f"skipping {input_dir / o}: not an image (extension not one of .jpg .jpeg .png .bmp "
-             ".tif .tiff .webp)" for o in others]
+    notes = not_image_notes([input_dir / o for o in others], args.quiet, args.summary)
     tasks, owner = [], {}
     for rel in images:
         stem = rel.with_suffix("")
@@ -104,7 +112,22 @@ def plan_folder(args, spec) -> Plan:
             task.refusal = f"its outputs would overwrite those of {owner[stem].source}; rename one of them"
         owner.setdefault(stem, task)
         tasks.append(task)
-    return Plan(tasks, notes)
+    return Plan(tasks, notes, [input_dir / o for o in others])
+
+
+def not_image_notes(others: List[Path], quiet: bool, summary: Optional[str]) -> List[str]:
+    """Lines about skipped non-image files: with --quiet one count; else the first few, then a count."""
+    if not others:
+        return []
+    why = "not images (extension not one of .jpg .jpeg .png .bmp .tif .tiff .webp)"
+    where = f"; listed in {summary}" if summary else ""
+    if quiet:
+        return [f"skipping {len(others)} file(s) that are {why}{where}"]
+    lines = [f"skipping {o}: not an image" for o in others[:NOT_IMAGE_LINES]]
+    if len(others) > NOT_IMAGE_LINES:
+        lines.append(f"skipping {len(others) - NOT_IMAGE_LINES} more file(s) that are not images{where}")
+    lines[0] += " (extension not one of .jpg .jpeg .png .bmp .tif .tiff .webp)"
+    return lines
 
 
 def plan_integratedpifu(args, spec) -> Plan:
@@ -169,7 +192,8 @@ def load_parser(args, spec):
         raise SetupError(str(err)) from None
 
 
-def write_manifest(path: Path, args, spec, checkpoint, parser, report, started: float) -> None:
+def write_manifest(path: Path, args, spec, checkpoint, parser, report, started: float,
+                   not_images: Sequence[Path] = ()) -> None:
     import cv2
     import numpy as np
     import torch
@@ -188,6 +212,8 @@ def write_manifest(path: Path, args, spec, checkpoint, parser, report, started: 
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "opencv": cv2.__version__, "numpy": np.__version__},
         "totals": {s: report.count(s) for s in ("processed", "skipped", "failed", "not-run")},
+        "abandoned_in_flight": report.abandoned,
+        "not_images": [str(p) for p in not_images],
         "inputs": [{"input": str(o.task.source), "status": o.status, "reason": o.reason,
                     "outputs": [str(p) for p in o.task.outputs], "width": o.width or None,
                     "height": o.height or None, "seconds": round(o.seconds, 4) or None}
@@ -199,7 +225,50 @@ def write_manifest(path: Path, args, spec, checkpoint, parser, report, started: 
         tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()  # only there can handlers be set
+
+
+@contextmanager
+def stop_signals_as_interrupt():
+    """SIGTERM behaves as Ctrl-C (KeyboardInterrupt) from the first second on; restored on leaving."""
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if _in_main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def stop_signals_held():
+    """Ctrl-C and SIGTERM wait while the summary and the manifest are written (milliseconds), so that a
+    further interrupt cannot lose the record of the run. Yields the list of signals that arrived."""
+    received: List[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)} if _in_main_thread() else {}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    with stop_signals_as_interrupt():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:  # during start-up: download, conversion, model build
+            print("interrupted before any input was processed", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse_args(argv)
     started = time.time()
     from datasets.catalog import DATASETS
@@ -210,6 +279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.batch_size < 1 or args.num_workers < 0:
             raise SetupError("--batch-size must be >= 1 and --num-workers >= 0")
+        if args.max_pixels < 0:
+            raise SetupError("--max-pixels must be >= 0 (0 = no limit)")
         shard = parse_shard(args.shard)
         plan = plan_integratedpifu(args, spec) if args.integratedpifu_dir else plan_folder(args, spec)
         if shard:
@@ -231,20 +302,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_SETUP
 
-    from utils.palette import get_palette
-    from schp.runner import Runner
-    import cv2
-    cv2.setNumThreads(1)  # torch owns the cores; OpenCV's own pool would only compete with it
-    runner = Runner(parser, get_palette(spec.num_classes), args.batch_size, args.num_workers, args.quiet)
-    report = runner.run(plan.tasks, overwrite=args.overwrite)
-    print(report.summary_line(), file=sys.stderr)
-    if args.summary:
-        try:
-            write_manifest(Path(args.summary), args, spec, checkpoint, parser, report, started)
-        except OSError as err:
-            print(f"error: cannot write --summary {args.summary}: {err.strerror or err}", file=sys.stderr)
-            return EXIT_FAILED
-    if report.interrupted:
+    from schp.runner import Outcome, RunReport, Runner
+    try:
+        from utils.palette import get_palette
+        import cv2
+        cv2.setNumThreads(1)  # torch owns the cores; OpenCV's own pool would only compete with it
+        runner = Runner(parser, get_palette(spec.num_classes), args.batch_size, args.num_workers, args.quiet,
+                        max_pixels=args.max_pixels or None)
+        report = runner.run(plan.tasks, overwrite=args.overwrite)
+    except (KeyboardInterrupt, Exception) as err:  # last resort: the run's own handling was bypassed
+        interrupted = isinstance(err, KeyboardInterrupt)
+        if not interrupted:
+            from datasets.simple_extractor_dataset import describe_exception
+            print(f"error: the run failed unexpectedly: {describe_exception(err)}", file=sys.stderr)
+        report = RunReport([Outcome(task, "not-run") for task in plan.tasks], interrupted=interrupted,
+                           stopped_reason=None if interrupted else "unexpected error",
+                           seconds=time.time() - started)
+    with stop_signals_held() as received:
+        print(report.summary_line(), file=sys.stderr)
+        if args.summary:
+            try:
+                write_manifest(Path(args.summary), args, spec, checkpoint, parser, report, started,
+                               plan.not_images)
+                if report.abandoned:
+                    print(f"summary written to {args.summary}", file=sys.stderr)
+            except OSError as err:
+                print(f"error: cannot write --summary {args.summary}: {err.strerror or err}", file=sys.stderr)
+                return EXIT_INTERRUPTED if report.interrupted or received else EXIT_FAILED
+    if report.interrupted or received:
         return EXIT_INTERRUPTED
     if report.count("failed") or report.stopped_reason:
         return EXIT_FAILED
@@ -252,8 +337,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # during start-up; the run itself reports and exits 130 on its own
-        print("interrupted before any input was processed", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(main())

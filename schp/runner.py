@@ -3,6 +3,10 @@
 Each input ends as processed, skipped (its outputs already exist) or failed (one line on stderr naming
 the file and the reason); a failure never stops the others. Decoding runs in DataLoader workers, the
 forward pass in the main thread, the inverse warp and the writing in a small thread pool.
+
+Signals: Ctrl-C and SIGTERM both stop the run after the outputs in flight are written (a second one
+stops the waiting); workers ignore both and leave them to the main process, so that a kill of the
+whole process group (as batch schedulers do) ends the run like a Ctrl-C.
 """
 import errno
 import signal
@@ -12,7 +16,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -20,14 +24,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets.simple_extractor_dataset import (ImageError, Prepared, SimpleFolderDataset, collate_prepared,
-                                               read_image)
+from datasets.simple_extractor_dataset import (DEFAULT_MAX_PIXELS, ImageError, Prepared, SimpleFolderDataset,
+                                               collate_prepared, describe_exception, read_image)
 from schp.inference import HumanParser, labels_from_logits
 from utils.outputs import (integratedpifu_codes, npy_memmap, remove_stale_temporaries, save_label_png,
                            save_npy, save_overlay)
 
 # Errors after which writing anything more is pointless: stop the run instead of failing every file.
 FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass
@@ -71,6 +76,7 @@ class RunReport:
     interrupted: bool = False
     stopped_reason: Optional[str] = None
     seconds: float = 0.0
+    abandoned: int = 0  # outputs in flight not waited for (a second interrupt); counted as not-run
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -122,9 +128,27 @@ def _die_with_parent() -> None:
 
 def _worker_init(_: int) -> None:
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops us
+    for signum in STOP_SIGNALS:  # the main process handles Ctrl-C and SIGTERM, and stops us
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked while we were forked
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+
+
+def _start_workers(loader) -> Iterator:
+    """Iterate `loader`, forking its workers with Ctrl-C and SIGTERM blocked.
+
+    A worker thus never dies of a signal meant for the process group before `_worker_init` makes it
+    ignore them (a dead worker would end the run as "input pipeline failed"); the main process gets
+    a signal that arrived meanwhile as soon as the mask is lifted.
+    """
+    if not getattr(loader, "num_workers", 0):
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -139,7 +163,7 @@ def _describe_error(err: BaseException) -> str:
         return str(err)
     if isinstance(err, MemoryError):
         return "out of memory"
-    return f"{type(err).__name__}: {err}"
+    return describe_exception(err)
 
 
 class Runner:
@@ -149,10 +173,11 @@ class Runner:
     """
 
     def __init__(self, parser: Optional[HumanParser], palette: Sequence[int], batch_size: int = 1, num_workers: int = 1,
-                 quiet: bool = False, write_threads: int = 2):
+                 quiet: bool = False, write_threads: int = 2, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
         self.parser, self.palette = parser, palette
         self.batch_size, self.num_workers = batch_size, num_workers
         self.quiet, self.write_threads = quiet, write_threads
+        self.max_pixels = max_pixels  # inputs declaring more pixels are refused before decoding
 
     def _submit(self, good: List[Prepared], todo, pending, t0: float, pool: ThreadPoolExecutor) -> None:
         """Forward pass of a batch, then hand each image to a writer thread.
@@ -209,6 +234,17 @@ class Runner:
         pool = ThreadPoolExecutor(max_workers=self.write_threads, thread_name_prefix="schp-write")
         pending: Deque[Tuple[int, Task, Prepared, float, Future]] = deque()
 
+        def drain() -> None:
+            """Wait for every output in flight; a (further) interrupt stops the waiting."""
+            try:
+                collect(block_beyond=0)
+            except KeyboardInterrupt:
+                report.interrupted = True
+                report.abandoned = len(pending)
+                pending.clear()
+                self.say(f"interrupted again: not waiting for the {report.abandoned} output(s) still being "
+                         "written (each is completed or removed, never left partial); writing the summary")
+
         def collect(block_beyond: int) -> None:
             while pending and (len(pending) > block_beyond or pending[0][4].done()):
                 i, task, item, seconds, future = pending.popleft()
@@ -221,12 +257,13 @@ class Runner:
                 if isinstance(err, OSError) and err.errno in FATAL_WRITE_ERRNOS and not report.stopped_reason:
                     report.stopped_reason = _describe_error(err)
 
-        loader = DataLoader(SimpleFolderDataset([t.source for _, t in todo], self.parser.spec.input_size),
-                            batch_size=self.batch_size, num_workers=self.num_workers,
-                            collate_fn=collate_prepared, worker_init_fn=_worker_init,
-                            prefetch_factor=2 if self.num_workers else None) if todo else []
         try:
-            for items in loader:
+            loader = DataLoader(SimpleFolderDataset([t.source for _, t in todo], self.parser.spec.input_size,
+                                                    self.max_pixels),
+                                batch_size=self.batch_size, num_workers=self.num_workers,
+                                collate_fn=collate_prepared, worker_init_fn=_worker_init,
+                                prefetch_factor=2 if self.num_workers else None) if todo else []
+            for items in _start_workers(loader):
                 t0 = time.perf_counter()
                 for item in items:
                     if item.error is not None:
@@ -235,7 +272,7 @@ class Runner:
                 if good:
                     try:
                         self._submit(good, todo, pending, t0, pool)
-                    except (RuntimeError, MemoryError) as err:  # e.g. CUDA out of memory: this batch only
+                    except Exception as err:  # e.g. CUDA out of memory: this batch only
                         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                         for item in good:
                             fail(*todo[item.index], f"inference failed: {reason}", item)
@@ -245,13 +282,17 @@ class Runner:
             collect(block_beyond=0)
         except KeyboardInterrupt:
             report.interrupted = True
-            self.say("interrupted: finishing the outputs in flight, then stopping")
-            collect(block_beyond=0)
+            self.say("interrupted: finishing the outputs in flight, then stopping (interrupt again to stop waiting)")
+            drain()
         except RuntimeError as err:  # the DataLoader lost a worker (killed, out of memory)
             report.stopped_reason = f"input pipeline failed: {str(err).splitlines()[0]}"
-            collect(block_beyond=0)
+            drain()
+        except Exception as err:  # last resort: a defect, not an input's fault; keep what is done
+            report.stopped_reason = f"unexpected error: {describe_exception(err)}"
+            drain()
         finally:
-            pool.shutdown(wait=True)
+            # after a second interrupt, writes already running finish (atomically) in the background
+            pool.shutdown(wait=not report.abandoned, cancel_futures=bool(report.abandoned))
             signal.signal(signal.SIGTERM, previous_term)
             bar.close()
         if report.stopped_reason:
