@@ -141,15 +141,20 @@ def plan_integratedpifu(args, spec) -> Plan:
     if not (root / ipifu.RENDERS).is_dir():
         raise SetupError(f"--integratedpifu-dir {root}: no {ipifu.RENDERS} folder in it")
     parse_root = Path(args.output_dir) if args.output_dir else root / ipifu.PARSE_RESULTS
-    subjects, note = ipifu.find_subjects(root, args.subjects)
+    subjects, note, refused = ipifu.find_subjects(root, args.subjects)
     renders, missing = ipifu.find_renders(root, subjects)
     notes = [note] if note else []
     notes += [f"warning: subject {s} is listed but has no folder {root / ipifu.RENDERS / s}" for s in missing]
-    tasks = [Task(source=r.image, name=f"{r.subject}/{r.image.name}",
-                  png=ipifu.preview_path(r), codes=ipifu.parse_map_path(parse_root, r),
-                  logits=ipifu.parse_map_path(parse_root, r, "_logits") if args.logits else None,
-                  overlay=r.image.with_name(f"rendered_parse_{r.yaw}_overlay.jpg") if args.overlay else None)
-             for r in renders]
+    tasks = [Task(source=r.list_file, name=f"{r.list_file.name}:{r.line}",  # failed, counted, no outputs
+                  refusal=f"line {r.line}: subject id {r.subject!r} {r.reason}; only plain folder names are "
+                          "taken (the other subjects proceed)") for r in refused]
+    tasks += [Task(source=r.image, name=f"{r.subject}/{r.image.name}",
+                   png=ipifu.preview_path(r), codes=ipifu.parse_map_path(parse_root, r),
+                   logits=ipifu.parse_map_path(parse_root, r, "_logits") if args.logits else None,
+                   overlay=r.image.with_name(f"rendered_parse_{r.yaw}_overlay.jpg") if args.overlay else None,
+                   refusal=f"its outputs would overwrite those of {r.clash}; rename one of them" if r.clash
+                   else None)
+              for r in renders]
     return Plan(tasks, notes)
 
 
