@@ -151,6 +151,31 @@ def _start_workers(loader) -> Iterator:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _stop_workers(batches) -> bool:
+    """Shut the loader's workers down now; True if a stop signal arrived meanwhile.
+
+    The DataLoader asks them to leave, waits, then sends SIGTERM, which ours ignore: a worker still
+    there after that (stuck on a hung file) is killed, or leaving Python would wait for it forever.
+    Stop signals are held meanwhile (seconds at most), so the shutdown is never left half done.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:
+        return False
+    received: List[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
+    workers = list(getattr(batches, "_workers", ()))
+    try:
+        shutdown()
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return bool(received)
+
+
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -247,8 +272,8 @@ class Runner:
 
         def collect(block_beyond: int) -> None:
             while pending and (len(pending) > block_beyond or pending[0][4].done()):
+                err = pending[0][4].exception()  # waits; an interrupt here leaves the entry pending
                 i, task, item, seconds, future = pending.popleft()
-                err = future.exception()
                 if err is None:
                     outcomes[i] = Outcome(task, "processed", None, item.width, item.height, seconds)
                     bar.update(1)
@@ -257,13 +282,15 @@ class Runner:
                 if isinstance(err, OSError) and err.errno in FATAL_WRITE_ERRNOS and not report.stopped_reason:
                     report.stopped_reason = _describe_error(err)
 
+        batches = None
         try:
             loader = DataLoader(SimpleFolderDataset([t.source for _, t in todo], self.parser.spec.input_size,
                                                     self.max_pixels),
                                 batch_size=self.batch_size, num_workers=self.num_workers,
                                 collate_fn=collate_prepared, worker_init_fn=_worker_init,
                                 prefetch_factor=2 if self.num_workers else None) if todo else []
-            for items in _start_workers(loader):
+            batches = _start_workers(loader)
+            for items in batches:
                 t0 = time.perf_counter()
                 for item in items:
                     if item.error is not None:
@@ -291,6 +318,8 @@ class Runner:
             report.stopped_reason = f"unexpected error: {describe_exception(err)}"
             drain()
         finally:
+            if _stop_workers(batches):
+                report.interrupted = True
             # after a second interrupt, writes already running finish (atomically) in the background
             pool.shutdown(wait=not report.abandoned, cancel_futures=bool(report.abandoned))
             signal.signal(signal.SIGTERM, previous_term)
