@@ -77,6 +77,8 @@ def open_when_read(fifo: Path, timeout=120.0) -> int:
 def feed(fd: int, data: bytes) -> None:
     try:
         os.write(fd, data)
+    except BrokenPipeError:  # the reader is gone (killed): what it would have read does not matter
+        pass
     finally:
         os.close(fd)
 
