@@ -116,6 +116,28 @@ def test_non_image_files_are_counted_in_one_line_with_quiet(tmp_path, capsys):
     assert err[5] == "skipping 7 more file(s) that are not images"
 
 
+def test_an_unexpected_failure_of_the_run_still_writes_summary_and_manifest(run_cli, tmp_path, monkeypatch):
+    import schp.runner
+
+    inputs, out, summary = tmp_path / "in", tmp_path / "out", tmp_path / "run.json"
+    inputs.mkdir()
+    out.mkdir()
+    corpus.make_good_jpg(inputs)
+    (out / "good.png").write_bytes(b"done before")  # nothing to compute: no model is loaded
+
+    def broken_run(self, tasks, overwrite=False):
+        raise ValueError("a defect in the run loop")
+    monkeypatch.setattr(schp.runner.Runner, "run", broken_run)
+    code, _, err = run_cli("--input-dir", inputs, "--output-dir", out, "--summary", summary)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[0] == "error: the run failed unexpectedly: ValueError: a defect in the run loop"
+    assert lines[1].startswith("stopped: 0 processed, 0 skipped, 0 failed of 1 inputs in ")
+    assert lines[1].endswith(" (1 not reached; run again to resume)")
+    manifest = json.loads(summary.read_text())
+    assert manifest["stopped"] == "unexpected error" and manifest["totals"]["not-run"] == 1
+
+
 def test_cli_default_pixel_limit_is_the_readers(capsys):
     from datasets.simple_extractor_dataset import DEFAULT_MAX_PIXELS
     assert simple_extractor.parse_args([]).max_pixels == DEFAULT_MAX_PIXELS
