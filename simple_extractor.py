@@ -239,24 +239,29 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()  # only there can handlers be set
 
 
+def _not_ignored(signals) -> List[int]:
+    """Signals this process does not ignore: one ignored at start (nohup, a background job) stays so."""
+    return [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN] if _in_main_thread() else []
+
+
 @contextmanager
 def stop_signals_as_interrupt():
-    """SIGTERM behaves as Ctrl-C (KeyboardInterrupt) from the first second on; restored on leaving."""
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if _in_main_thread() else None
+    """SIGTERM and SIGHUP behave as Ctrl-C (KeyboardInterrupt) from the first second on; restored on leaving."""
+    previous = {s: signal.signal(s, _raise_keyboard_interrupt) for s in _not_ignored((signal.SIGTERM, signal.SIGHUP))}
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @contextmanager
 def stop_signals_held():
-    """Ctrl-C and SIGTERM wait while the summary and the manifest are written (milliseconds), so that a
+    """Ctrl-C, SIGTERM and SIGHUP wait while the summary and the manifest are written (milliseconds), so that a
     further interrupt cannot lose the record of the run. Yields the list of signals that arrived."""
     received: List[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)} if _in_main_thread() else {}
+                for s in _not_ignored((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))}
     try:
         yield received
     finally:

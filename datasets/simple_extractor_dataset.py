@@ -7,6 +7,7 @@ the file's header before decoding, so an image too large to hold (or to warp) is
 """
 import io
 import os
+import stat
 import struct
 import threading
 import warnings
@@ -139,6 +140,9 @@ def read_image(path: Path, max_pixels: Optional[int] = None) -> np.ndarray:
                 raise ImageError("symbolic link loop") from None
         raise ImageError(f"broken symbolic link (to {os.readlink(path)})") from None
     try:
+        mode = path.stat().st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):  # /dev/zero would never end
+            raise ImageError("not a regular file (a device or a socket)")
         data = path.read_bytes()
     except OSError as err:
         raise ImageError(f"cannot read: {err.strerror or err}") from None

@@ -4,9 +4,10 @@ Each input ends as processed, skipped (its outputs already exist) or failed (one
 the file and the reason); a failure never stops the others. Decoding runs in DataLoader workers, the
 forward pass in the main thread, the inverse warp and the writing in a small thread pool.
 
-Signals: Ctrl-C and SIGTERM both stop the run after the outputs in flight are written (a second one
-stops the waiting); workers ignore both and leave them to the main process, so that a kill of the
-whole process group (as batch schedulers do) ends the run like a Ctrl-C.
+Signals: Ctrl-C, SIGTERM and SIGHUP (a closed terminal) stop the run after the outputs in flight are
+written (a second one stops the waiting); workers ignore them and leave them to the main process, so
+that a signal to the whole process group (as batch schedulers and terminals send) ends the run like a
+Ctrl-C. A signal ignored when the run starts (nohup) stays ignored.
 """
 import errno
 import signal
@@ -32,7 +33,12 @@ from utils.outputs import (integratedpifu_codes, npy_memmap, remove_stale_tempor
 
 # Errors after which writing anything more is pointless: stop the run instead of failing every file.
 FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _handled(signals=STOP_SIGNALS) -> List[int]:
+    """The stop signals this process does not ignore (nohup ignores SIGHUP; a background job SIGINT)."""
+    return [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN]
 
 
 @dataclass
@@ -162,7 +168,7 @@ def _stop_workers(batches) -> bool:
     if shutdown is None:
         return False
     received: List[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in _handled()}
     workers = list(getattr(batches, "_workers", ()))
     try:
         shutdown()
@@ -255,7 +261,8 @@ class Runner:
 
         for i, task in refused:
             fail(i, task, task.refusal)
-        previous_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        previous_handlers = {s: signal.signal(s, _raise_keyboard_interrupt)
+                             for s in _handled((signal.SIGTERM, signal.SIGHUP))}
         pool = ThreadPoolExecutor(max_workers=self.write_threads, thread_name_prefix="schp-write")
         pending: Deque[Tuple[int, Task, Prepared, float, Future]] = deque()
 
@@ -322,7 +329,8 @@ class Runner:
                 report.interrupted = True
             # after a second interrupt, writes already running finish (atomically) in the background
             pool.shutdown(wait=not report.abandoned, cancel_futures=bool(report.abandoned))
-            signal.signal(signal.SIGTERM, previous_term)
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
             bar.close()
         if report.stopped_reason:
             self.say(f"stopped: {report.stopped_reason}")

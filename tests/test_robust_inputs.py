@@ -52,6 +52,12 @@ def _png(folder, width, height):
     return p
 
 
+def test_a_device_with_an_image_name_is_refused_not_read(tmp_path):
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")  # reading it would never end
+    with pytest.raises(ImageError, match="not a regular file"):
+        read_image(tmp_path / "zero.jpg")
+
+
 def test_any_failure_while_preparing_an_input_fails_only_that_input(tmp_path, monkeypatch):
     import datasets.simple_extractor_dataset as sed
     paths = [corpus.make_good_jpg(tmp_path), corpus.make_wide_png(tmp_path), corpus.make_grey_png(tmp_path)]

@@ -141,34 +141,30 @@ def test_sigterm_during_the_checkpoint_download_exits_130_and_leaves_no_temporar
     assert list(folder.iterdir()) == []  # neither our temporary nor gdown's .part
 
 
-@pytest.fixture
-def held_run(checkpoints, tmp_path):
-    """A run over real PNGs and a last input that is a named pipe: it cannot finish until fed."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_process_group_signal_exits_130_not_input_pipeline_failed(checkpoints, tmp_path, signum):
+    """SIGTERM to the whole group (Slurm, `kill -- -PGID`) or SIGHUP (the terminal closed), while the
+    workers are busy: the main process reports an interrupt; no worker dies of it."""
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
-    for i in range(2):
-        cv2.imwrite(str(inputs / f"img{i}.png"), corpus.base_bgr(64 + 8 * i, 48))
-    os.mkfifo(inputs / "zz_held.png")
-    args = ["--model-restore", checkpoints("pascal", legacy=False), "--input-dir", inputs, "--output-dir", out,
-            "--quiet", "--summary", tmp_path / "run.json"]
-    return inputs, out, args
-
-
-def test_process_group_sigterm_exits_130_not_input_pipeline_failed(held_run, tmp_path):
-    inputs, out, args = held_run
-    proc = start(args + ["--num-workers", "2"], start_new_session=True)  # its own group, as under Slurm
+    for name in ("a.png", "b.png"):  # named pipes: the workers are reading them when the signal comes
+        os.mkfifo(inputs / name)
+    proc = start(["--model-restore", checkpoints("pascal", legacy=False), "--input-dir", inputs, "--output-dir",
+                  out, "--quiet", "--num-workers", "2", "--summary", tmp_path / "run.json"],
+                 start_new_session=True)  # its own process group, as under Slurm
     err = Stderr(proc)
-    fd = open_when_read(inputs / "zz_held.png")  # a worker is reading the last input: the run is on
-    assert wait_until(lambda: (out / "img0.png").exists()), err.text
-    os.killpg(proc.pid, signal.SIGTERM)  # the main process and every worker
+    fds = [open_when_read(inputs / name) for name in ("a.png", "b.png")]
+    os.killpg(proc.pid, signum)  # the main process and every worker
     assert err.wait_for("interrupted: finishing"), err.text
-    feed(fd, png_bytes())
+    for fd in fds:
+        feed(fd, png_bytes())
     assert proc.wait(timeout=60) == 130, err.text
     err.thread.join(10)
     assert "input pipeline failed" not in err.text and "Traceback" not in err.text
-    assert err.lines[-1].startswith("interrupted: ") and "run again to resume" in err.lines[-1], err.text
+    assert err.lines[-1].startswith("interrupted: 0 processed, 0 skipped, 0 failed of 2 inputs"), err.text
     manifest = json.loads((tmp_path / "run.json").read_text())
     assert manifest["interrupted"] is True and manifest["stopped"] is None
+    assert manifest["totals"]["not-run"] == 2
     assert not temporaries(out)
 
 
