@@ -134,7 +134,7 @@ def _die_with_parent() -> None:
 
 def _worker_init(_: int) -> None:
     _die_with_parent()
-    for signum in STOP_SIGNALS:  # the main process handles Ctrl-C and SIGTERM, and stops us
+    for signum in STOP_SIGNALS:  # the main process handles them, and stops us
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked while we were forked
     cv2.setNumThreads(1)
@@ -142,7 +142,7 @@ def _worker_init(_: int) -> None:
 
 
 def _start_workers(loader) -> Iterator:
-    """Iterate `loader`, forking its workers with Ctrl-C and SIGTERM blocked.
+    """Iterate `loader`, forking its workers with the stop signals (Ctrl-C, SIGTERM, SIGHUP) blocked.
 
     A worker thus never dies of a signal meant for the process group before `_worker_init` makes it
     ignore them (a dead worker would end the run as "input pipeline failed"); the main process gets
