@@ -10,13 +10,17 @@ import json
 import os
 import platform
 import re
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_MAX_PIXELS = 200_000_000  # = datasets.simple_extractor_dataset.DEFAULT_MAX_PIXELS (not imported: heavy)
+NOT_IMAGE_LINES = 5  # without --quiet, non-image files named one a line up to this many, then counted
 
 
 class SetupError(Exception):
@@ -69,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be processed or skipped and where outputs go; no model")
     p.add_argument("--summary", default=None, metavar="PATH", help="write a JSON manifest of the run")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse (fail) inputs whose header declares more than N pixels, before decoding "
+                        "them: a decoded image takes 3 bytes a pixel; 0 = no limit")
     p.add_argument("--quiet", action="store_true", help="no progress bar; errors and the summary still print")
     p.add_argument("--every", type=int, default=1, metavar="N",
                    help="video inputs (.mp4 .avi .mov .mkv .webm): parse every Nth frame")
@@ -97,9 +104,11 @@ def is_cpu_gpu_value(gpu: str) -> bool:
 
 @dataclass
 class Plan:
-    """What a run will do: the tasks, and any notes found while listing them."""
+    """What a run will do: the tasks, any notes found while listing them, and the files that are not
+    images (skipped; listed in the manifest)."""
     tasks: list
     notes: List[str]
+    not_images: List[Path] = field(default_factory=list)
 
 
 def parse_shard(text: Optional[str]):
@@ -129,8 +138,7 @@ def plan_folder(args, spec) -> Plan:
     images, others = list_images(input_dir, args.recursive, exclude=output_dir)
     videos = [o for o in others if is_video_name(o.name)]  # frame by frame, in schp/video.py
     others = [o for o in others if not is_video_name(o.name)]
-    notes = [f"skipping {input_dir / o}: not an image (extension not one of .jpg .jpeg .png .bmp "
-             ".tif .tiff .webp)" for o in others]
+    notes = not_image_notes([input_dir / o for o in others], args.quiet, args.summary)
     tasks, owner = [], {}
     for rel in sorted(images + videos, key=str):
         stem = rel.with_suffix("")
@@ -145,7 +153,22 @@ def plan_folder(args, spec) -> Plan:
             task.refusal = f"its outputs would overwrite those of {owner[stem].source}; rename one of them"
         owner.setdefault(stem, task)
         tasks.append(task)
-    return Plan(tasks, notes)
+    return Plan(tasks, notes, [input_dir / o for o in others])
+
+
+def not_image_notes(others: List[Path], quiet: bool, summary: Optional[str]) -> List[str]:
+    """Lines about skipped non-image files: with --quiet one count; else the first few, then a count."""
+    if not others:
+        return []
+    why = "not images (extension not one of .jpg .jpeg .png .bmp .tif .tiff .webp)"
+    where = f"; listed in {summary}" if summary else ""
+    if quiet:
+        return [f"skipping {len(others)} file(s) that are {why}{where}"]
+    lines = [f"skipping {o}: not an image" for o in others[:NOT_IMAGE_LINES]]
+    if len(others) > NOT_IMAGE_LINES:
+        lines.append(f"skipping {len(others) - NOT_IMAGE_LINES} more file(s) that are not images{where}")
+    lines[0] += " (extension not one of .jpg .jpeg .png .bmp .tif .tiff .webp)"
+    return lines
 
 
 def plan_integratedpifu(args, spec) -> Plan:
@@ -159,15 +182,20 @@ def plan_integratedpifu(args, spec) -> Plan:
     if not (root / ipifu.RENDERS).is_dir():
         raise SetupError(f"--integratedpifu-dir {root}: no {ipifu.RENDERS} folder in it")
     parse_root = Path(args.output_dir) if args.output_dir else root / ipifu.PARSE_RESULTS
-    subjects, note = ipifu.find_subjects(root, args.subjects)
+    subjects, note, refused = ipifu.find_subjects(root, args.subjects)
     renders, missing = ipifu.find_renders(root, subjects)
     notes = [note] if note else []
     notes += [f"warning: subject {s} is listed but has no folder {root / ipifu.RENDERS / s}" for s in missing]
-    tasks = [Task(source=r.image, name=f"{r.subject}/{r.image.name}",
-                  png=ipifu.preview_path(r), codes=ipifu.parse_map_path(parse_root, r),
-                  logits=ipifu.parse_map_path(parse_root, r, "_logits") if args.logits else None,
-                  overlay=r.image.with_name(f"rendered_parse_{r.yaw}_overlay.jpg") if args.overlay else None)
-             for r in renders]
+    tasks = [Task(source=r.list_file, name=f"{r.list_file.name}:{r.line}",  # failed, counted, no outputs
+                  refusal=f"line {r.line}: subject id {r.subject!r} {r.reason}; only plain folder names are "
+                          "taken (the other subjects proceed)") for r in refused]
+    tasks += [Task(source=r.image, name=f"{r.subject}/{r.image.name}",
+                   png=ipifu.preview_path(r), codes=ipifu.parse_map_path(parse_root, r),
+                   logits=ipifu.parse_map_path(parse_root, r, "_logits") if args.logits else None,
+                   overlay=r.image.with_name(f"rendered_parse_{r.yaw}_overlay.jpg") if args.overlay else None,
+                   refusal=f"its outputs would overwrite those of {r.clash}; rename one of them" if r.clash
+                   else None)
+              for r in renders]
     return Plan(tasks, notes)
 
 
@@ -260,7 +288,8 @@ def setup_message(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def write_manifest(path: Path, args, spec, checkpoint, parser, report, started: float, extra=None) -> None:
+def write_manifest(path: Path, args, spec, checkpoint, parser, report, started: float,
+                   not_images: Sequence[Path] = (), extra=None) -> None:
     import cv2
     import numpy as np
     import torch
@@ -279,6 +308,8 @@ def write_manifest(path: Path, args, spec, checkpoint, parser, report, started: 
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "opencv": cv2.__version__, "numpy": np.__version__},
         "totals": {s: report.count(s) for s in ("processed", "skipped", "failed", "not-run")},
+        "abandoned_in_flight": report.abandoned,
+        "not_images": [str(p) for p in not_images],
         "inputs": [{"input": str(o.task.source), "status": o.status, "reason": o.reason,
                     "outputs": [str(p) for p in o.task.outputs], "width": o.width or None,
                     "height": o.height or None, "seconds": round(o.seconds, 4) or None}
@@ -311,7 +342,55 @@ def start_ranks(ranks, args, parser) -> None:
         raise SetupError(f"torchrun: cannot join the other processes: {str(err).splitlines()[0]}") from None
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()  # only there can handlers be set
+
+
+def _not_ignored(signals) -> List[int]:
+    """Signals this process does not ignore: one ignored at start (nohup, a background job) stays so."""
+    return [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN] if _in_main_thread() else []
+
+
+@contextmanager
+def stop_signals_as_interrupt():
+    """SIGTERM and SIGHUP behave as Ctrl-C (KeyboardInterrupt) from the first second on; restored on leaving."""
+    previous = {s: signal.signal(s, _raise_keyboard_interrupt) for s in _not_ignored((signal.SIGTERM, signal.SIGHUP))}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def stop_signals_held():
+    """Ctrl-C, SIGTERM and SIGHUP wait while the summary and the manifest are written (milliseconds), so that a
+    further interrupt cannot lose the record of the run. Yields the list of signals that arrived."""
+    received: List[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in _not_ignored((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    with stop_signals_as_interrupt():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:  # during start-up: download, conversion, model build
+            print("interrupted before any input was processed", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse_args(argv)
     started = time.time()
     try:
@@ -328,6 +407,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SetupError("--batch-size must be >= 1 and --num-workers >= 0")
         if args.every < 1:
             raise SetupError("--every must be >= 1")
+        if args.max_pixels < 0:
+            raise SetupError("--max-pixels must be >= 0 (0 = no limit)")
         shard = parse_shard(args.shard)
         check_folders(args)
         ranks = torchrun_ranks()
@@ -362,38 +443,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         remove_empty(created)
         raise
 
-    from utils.palette import get_palette
-    from schp.runner import Runner
-    import cv2
-    cv2.setNumThreads(1)  # torch owns the cores; OpenCV's own pool would only compete with it
-    runner = Runner(parser, get_palette(spec.num_classes), args.batch_size, args.num_workers, args.quiet)
+    from schp.runner import Outcome, RunReport, Runner
     from schp.video import run_inputs
-    report = run_inputs(runner, plan.tasks, overwrite=args.overwrite)  # videos frame by frame after the images
+    try:
+        from utils.palette import get_palette
+        import cv2
+        cv2.setNumThreads(1)  # torch owns the cores; OpenCV's own pool would only compete with it
+        runner = Runner(parser, get_palette(spec.num_classes), args.batch_size, args.num_workers, args.quiet,
+                        max_pixels=args.max_pixels or None)
+        report = run_inputs(runner, plan.tasks, overwrite=args.overwrite)  # videos frame by frame after the images
+    except (KeyboardInterrupt, Exception) as err:  # last resort: the run's own handling was bypassed
+        interrupted = isinstance(err, KeyboardInterrupt)
+        if not interrupted:
+            from datasets.simple_extractor_dataset import describe_exception
+            print(f"error: the run failed unexpectedly: {describe_exception(err)}", file=sys.stderr)
+        report = RunReport([Outcome(task, "not-run") for task in plan.tasks], interrupted=interrupted,
+                           stopped_reason=None if interrupted else "unexpected error",
+                           seconds=time.time() - started)
     if not ranks:
-        return finish(args, spec, checkpoint, parser, report, started)
+        return finish(args, spec, checkpoint, parser, report, started, plan.not_images)
     from schp.distributed import gather_report
     report, devices = gather_report(ranks, report, parser)  # every rank's outcomes, in input order
-    code = finish(args, spec, checkpoint, parser, report, started, {"devices": devices}) \
+    code = finish(args, spec, checkpoint, parser, report, started, plan.not_images, {"devices": devices}) \
         if ranks.is_main else exit_code(report)
     ranks.barrier()  # the others exit only once rank 0 has written the manifest (torchrun stops all on a failure)
     ranks.stop()
     return code
 
 
-def finish(args, spec, checkpoint, parser, report, started, extra=None) -> int:
-    """Print the run's summary line, write its manifest, and return its exit code."""
-    print(report.summary_line(), file=sys.stderr)
-    if args.summary:
-        try:
-            write_manifest(Path(args.summary), args, spec, checkpoint, parser, report, started, extra)
-        except OSError as err:
-            print(f"error: cannot write --summary {args.summary}: {err.strerror or err}", file=sys.stderr)
-            return EXIT_FAILED
-    return exit_code(report)
+def finish(args, spec, checkpoint, parser, report, started, not_images=(), extra=None) -> int:
+    """Print the run's summary line, write its manifest, and return its exit code.
+
+    Further interrupts wait while this happens (milliseconds), so the record of the run is never lost.
+    """
+    with stop_signals_held() as received:
+        print(report.summary_line(), file=sys.stderr)
+        if args.summary:
+            try:
+                write_manifest(Path(args.summary), args, spec, checkpoint, parser, report, started,
+                               not_images, extra)
+                if report.abandoned:
+                    print(f"summary written to {args.summary}", file=sys.stderr)
+            except OSError as err:
+                print(f"error: cannot write --summary {args.summary}: {err.strerror or err}", file=sys.stderr)
+                return EXIT_INTERRUPTED if report.interrupted or received else EXIT_FAILED
+    return exit_code(report, received)
 
 
-def exit_code(report) -> int:
-    if report.interrupted:
+def exit_code(report, received=()) -> int:
+    if report.interrupted or received:
         return EXIT_INTERRUPTED
     if report.count("failed") or report.stopped_reason:
         return EXIT_FAILED
@@ -401,8 +499,4 @@ def exit_code(report) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # during start-up; the run itself reports and exits 130 on its own
-        print("interrupted before any input was processed", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(main())

@@ -4,6 +4,9 @@
 <root>/rendering_script/buffer_fixed_full_mesh/<subject>/rendered_image_<yaw>.png and the maps that
 IntegratedPIFu's loaders read are <root>/rendering_script/render_human_parse_results/<subject>/
 rendered_parse_<yaw>.npy.
+
+Subject ids become folder names under the output roots, so only plain names are taken: an id that is
+a path (separator, `.`, `..`, absolute) is refused, or the extractor would write outside the tree.
 """
 import re
 from dataclasses import dataclass
@@ -21,6 +24,27 @@ class Render:
     subject: str
     yaw: str  # as in the file name, e.g. "000"
     image: Path
+    clash: Optional[Path] = None  # an earlier render with the same outputs (000.png and 000.PNG)
+
+
+@dataclass(frozen=True)
+class RefusedSubject:
+    """A list-file line whose id is not a plain folder name."""
+    list_file: Path
+    line: int  # 1-based
+    subject: str
+    reason: str
+
+
+def subject_id_problem(subject: str) -> Optional[str]:
+    """Why `subject` cannot name a folder inside the tree, or None for a plain folder name."""
+    if subject in (".", ".."):
+        return f"is {subject!r}"
+    if "/" in subject or "\\" in subject:
+        return "is a path (it holds a separator)" + (", an absolute one" if subject.startswith("/") else "")
+    if "\0" in subject:
+        return "holds a NUL character"
+    return None
 
 
 def read_subject_list(path: Path) -> List[str]:
@@ -28,21 +52,31 @@ def read_subject_list(path: Path) -> List[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def find_subjects(root: Path, which: str = "all") -> Tuple[List[str], Optional[str]]:
-    """(subjects, note): ids from the list files selected by `which` (all, train, test).
+def find_subjects(root: Path, which: str = "all") -> Tuple[List[str], Optional[str], List[RefusedSubject]]:
+    """(subjects, note, refused): ids from the list files selected by `which` (all, train, test).
 
     With no list file at all, every subject folder under the render tree is taken, and `note` says so.
+    Ids that are not plain folder names are not taken: `refused` names their list file and line.
     """
     names = list(LIST_FILES.values()) if which == "all" else [LIST_FILES[which]]
     lists = [root / n for n in names if (root / n).is_file()]
     if not lists:
         renders = root / RENDERS
         subjects = sorted(p.name for p in renders.iterdir() if p.is_dir()) if renders.is_dir() else []
-        return subjects, f"no {' or '.join(names)} in {root}: taking every subject folder in {renders}"
+        return subjects, f"no {' or '.join(names)} in {root}: taking every subject folder in {renders}", []
     subjects: List[str] = []
+    refused: List[RefusedSubject] = []
     for path in lists:
-        subjects += [s for s in read_subject_list(path) if s not in subjects]
-    return subjects, None
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            subject = line.strip()
+            if not subject or subject in subjects:
+                continue
+            problem = subject_id_problem(subject)
+            if problem:
+                refused.append(RefusedSubject(path, number, subject, problem))
+            else:
+                subjects.append(subject)
+    return subjects, None, refused
 
 
 def find_renders(root: Path, subjects: List[str]) -> Tuple[List[Render], List[str]]:
@@ -53,10 +87,13 @@ def find_renders(root: Path, subjects: List[str]) -> Tuple[List[Render], List[st
         if not folder.is_dir():
             missing.append(subject)
             continue
+        first = {}  # yaw -> the render that writes its outputs (names differing in case only clash)
         for image in sorted(folder.iterdir()):
             match = RENDER_NAME.match(image.name)
             if match:
-                renders.append(Render(subject, match.group("yaw"), image))
+                yaw = match.group("yaw")
+                renders.append(Render(subject, yaw, image, clash=first.get(yaw)))
+                first.setdefault(yaw, image)
     return renders, missing
 
 

@@ -163,9 +163,10 @@ def cached_zip_copy(path: Path, cache_dir: Optional[Path],
         torch.save(state, tmp)
         os.replace(tmp, cached)
     except (OSError, RuntimeError):  # torch reports a failed write (disk full) as RuntimeError
+        return path
+    finally:  # also on Ctrl-C / SIGTERM (KeyboardInterrupt): no half-written copy stays behind
         if tmp.exists():
             tmp.unlink()
-        return path
     evict_cache(cache_dir, cache_size_cap() if max_bytes is None else max_bytes, keep=cached)
     return cached
 
@@ -246,9 +247,10 @@ def download_checkpoint(spec: DatasetSpec, path: Path, timeout: float = 30.0) ->
         read_state_dict(tmp)  # raises CheckpointError if what arrived is not a checkpoint
         os.replace(tmp, path)
         return path
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    finally:  # also on Ctrl-C / SIGTERM: ours, and gdown's own partial file (<tmp name>XXXXXXXX.part)
+        for leftover in [tmp, *path.parent.glob(f"{tmp.name}*.part")]:
+            if leftover.exists():
+                leftover.unlink()
 
 
 def resolve_checkpoint(path: Path, spec: DatasetSpec, allow_download: bool) -> Path:

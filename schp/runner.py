@@ -3,6 +3,11 @@
 Each input ends as processed, skipped (its outputs already exist) or failed (one line on stderr naming
 the file and the reason); a failure never stops the others. Decoding runs in DataLoader workers, the
 forward pass in the main thread, the inverse warp and the writing in a small thread pool.
+
+Signals: Ctrl-C, SIGTERM and SIGHUP (a closed terminal) stop the run after the outputs in flight are
+written (a second one stops the waiting); workers ignore them and leave them to the main process, so
+that a signal to the whole process group (as batch schedulers and terminals send) ends the run like a
+Ctrl-C. A signal ignored when the run starts (nohup) stays ignored.
 """
 import errno
 import signal
@@ -12,7 +17,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -20,14 +25,20 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets.simple_extractor_dataset import (ImageError, Prepared, SimpleFolderDataset, collate_prepared,
-                                               read_image)
+from datasets.simple_extractor_dataset import (DEFAULT_MAX_PIXELS, ImageError, Prepared, SimpleFolderDataset,
+                                               collate_prepared, describe_exception, read_image)
 from schp.inference import HumanParser, labels_from_logits
 from utils.outputs import (integratedpifu_codes, npy_memmap, remove_stale_temporaries, save_label_png,
                            save_npy, save_overlay)
 
 # Errors after which writing anything more is pointless: stop the run instead of failing every file.
 FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _handled(signals=STOP_SIGNALS) -> List[int]:
+    """The stop signals this process does not ignore (nohup ignores SIGHUP; a background job SIGINT)."""
+    return [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN]
 
 
 @dataclass
@@ -71,6 +82,7 @@ class RunReport:
     interrupted: bool = False
     stopped_reason: Optional[str] = None
     seconds: float = 0.0
+    abandoned: int = 0  # outputs in flight not waited for (a second interrupt); counted as not-run
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -122,9 +134,52 @@ def _die_with_parent() -> None:
 
 def _worker_init(_: int) -> None:
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops us
+    for signum in STOP_SIGNALS:  # the main process handles them, and stops us
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked while we were forked
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+
+
+def _start_workers(loader) -> Iterator:
+    """Iterate `loader`, forking its workers with the stop signals (Ctrl-C, SIGTERM, SIGHUP) blocked.
+
+    A worker thus never dies of a signal meant for the process group before `_worker_init` makes it
+    ignore them (a dead worker would end the run as "input pipeline failed"); the main process gets
+    a signal that arrived meanwhile as soon as the mask is lifted.
+    """
+    if not getattr(loader, "num_workers", 0):
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop_workers(batches) -> bool:
+    """Shut the loader's workers down now; True if a stop signal arrived meanwhile.
+
+    The DataLoader asks them to leave, waits, then sends SIGTERM, which ours ignore: a worker still
+    there after that (stuck on a hung file) is killed, or leaving Python would wait for it forever.
+    Stop signals are held meanwhile (seconds at most), so the shutdown is never left half done.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:
+        return False
+    received: List[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in _handled()}
+    workers = list(getattr(batches, "_workers", ()))
+    try:
+        shutdown()
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return bool(received)
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -139,7 +194,7 @@ def _describe_error(err: BaseException) -> str:
         return str(err)
     if isinstance(err, MemoryError):
         return "out of memory"
-    return f"{type(err).__name__}: {err}"
+    return describe_exception(err)
 
 
 class Runner:
@@ -149,10 +204,11 @@ class Runner:
     """
 
     def __init__(self, parser: Optional[HumanParser], palette: Sequence[int], batch_size: int = 1, num_workers: int = 1,
-                 quiet: bool = False, write_threads: int = 2):
+                 quiet: bool = False, write_threads: int = 2, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
         self.parser, self.palette = parser, palette
         self.batch_size, self.num_workers = batch_size, num_workers
         self.quiet, self.write_threads = quiet, write_threads
+        self.max_pixels = max_pixels  # inputs declaring more pixels are refused before decoding
 
     def _submit(self, good: List[Prepared], todo, pending, t0: float, pool: ThreadPoolExecutor) -> None:
         """Forward pass of a batch, then hand each image to a writer thread.
@@ -205,14 +261,26 @@ class Runner:
 
         for i, task in refused:
             fail(i, task, task.refusal)
-        previous_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        previous_handlers = {s: signal.signal(s, _raise_keyboard_interrupt)
+                             for s in _handled((signal.SIGTERM, signal.SIGHUP))}
         pool = ThreadPoolExecutor(max_workers=self.write_threads, thread_name_prefix="schp-write")
         pending: Deque[Tuple[int, Task, Prepared, float, Future]] = deque()
 
+        def drain() -> None:
+            """Wait for every output in flight; a (further) interrupt stops the waiting."""
+            try:
+                collect(block_beyond=0)
+            except KeyboardInterrupt:
+                report.interrupted = True
+                report.abandoned = len(pending)
+                pending.clear()
+                self.say(f"interrupted again: not waiting for the {report.abandoned} output(s) still being "
+                         "written (each is completed or removed, never left partial); writing the summary")
+
         def collect(block_beyond: int) -> None:
             while pending and (len(pending) > block_beyond or pending[0][4].done()):
+                err = pending[0][4].exception()  # waits; an interrupt here leaves the entry pending
                 i, task, item, seconds, future = pending.popleft()
-                err = future.exception()
                 if err is None:
                     outcomes[i] = Outcome(task, "processed", None, item.width, item.height, seconds)
                     bar.update(1)
@@ -221,12 +289,15 @@ class Runner:
                 if isinstance(err, OSError) and err.errno in FATAL_WRITE_ERRNOS and not report.stopped_reason:
                     report.stopped_reason = _describe_error(err)
 
-        loader = DataLoader(SimpleFolderDataset([t.source for _, t in todo], self.parser.spec.input_size),
-                            batch_size=self.batch_size, num_workers=self.num_workers,
-                            collate_fn=collate_prepared, worker_init_fn=_worker_init,
-                            prefetch_factor=2 if self.num_workers else None) if todo else []
+        batches = None
         try:
-            for items in loader:
+            loader = DataLoader(SimpleFolderDataset([t.source for _, t in todo], self.parser.spec.input_size,
+                                                    self.max_pixels),
+                                batch_size=self.batch_size, num_workers=self.num_workers,
+                                collate_fn=collate_prepared, worker_init_fn=_worker_init,
+                                prefetch_factor=2 if self.num_workers else None) if todo else []
+            batches = _start_workers(loader)
+            for items in batches:
                 t0 = time.perf_counter()
                 for item in items:
                     if item.error is not None:
@@ -235,7 +306,7 @@ class Runner:
                 if good:
                     try:
                         self._submit(good, todo, pending, t0, pool)
-                    except (RuntimeError, MemoryError) as err:  # e.g. CUDA out of memory: this batch only
+                    except Exception as err:  # e.g. CUDA out of memory: this batch only
                         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                         for item in good:
                             fail(*todo[item.index], f"inference failed: {reason}", item)
@@ -245,14 +316,21 @@ class Runner:
             collect(block_beyond=0)
         except KeyboardInterrupt:
             report.interrupted = True
-            self.say("interrupted: finishing the outputs in flight, then stopping")
-            collect(block_beyond=0)
+            self.say("interrupted: finishing the outputs in flight, then stopping (interrupt again to stop waiting)")
+            drain()
         except RuntimeError as err:  # the DataLoader lost a worker (killed, out of memory)
             report.stopped_reason = f"input pipeline failed: {str(err).splitlines()[0]}"
-            collect(block_beyond=0)
+            drain()
+        except Exception as err:  # last resort: a defect, not an input's fault; keep what is done
+            report.stopped_reason = f"unexpected error: {describe_exception(err)}"
+            drain()
         finally:
-            pool.shutdown(wait=True)
-            signal.signal(signal.SIGTERM, previous_term)
+            if _stop_workers(batches):
+                report.interrupted = True
+            # after a second interrupt, writes already running finish (atomically) in the background
+            pool.shutdown(wait=not report.abandoned, cancel_futures=bool(report.abandoned))
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
             bar.close()
         if report.stopped_reason:
             self.say(f"stopped: {report.stopped_reason}")

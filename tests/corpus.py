@@ -26,9 +26,10 @@ Findings (OpenCV 4.14.0: libjpeg-turbo 3.1.2, libpng 1.6.58, libwebp, libtiff 4.
   baseline, progressive (10 scans), grey, CMYK, restart markers, ICC profile, EXIF with an embedded
   JPEG thumbnail (the thumbnail's SOS/EOI sit before the main SOS, so they do not matter) and trailing
   bytes after EOI: no false alarm on any valid file. Every cut point at which imread still returns an
-  image is flagged. Known blind spots (none occur here): trailing junk after EOI that contains
-  0xFFDA, and truncation of an appended second JPEG (MPF / "motion photo"), which then looks like a
-  truncated file even though the primary image is complete.
+  image is flagged. Blind spot: trailing data after EOI that contains 0xFFDA, as in an Android motion
+  photo (``make_motion_photo_jpg``: an MP4 appended after the EOI) or an appended second JPEG (MPF):
+  the byte search calls those truncated although imread and imdecode decode them fine. Only a walk of
+  the primary image's marker structure up to its EOI (``jpeg_primary_end``) tells them apart.
 * Truncated PNG: imread and imdecode both return None at every cut point, even when only the last
   byte of the IEND CRC is missing (libpng reports an error; imdecode also logs "PNG input buffer is
   incomplete"). Nothing to add.
@@ -135,6 +136,47 @@ def jpeg_is_truncated(data: bytes) -> bool:
     """
     last_sos = data.rfind(b"\xff\xda")
     return last_sos < 0 or data.rfind(b"\xff\xd9") < last_sos
+
+
+def jpeg_primary_end(data: bytes) -> int | None:
+    """Offset just after the EOI of the primary image of JPEG ``data``, or None if the data ends first.
+
+    Walks the segments by their lengths; after each SOS, the entropy-coded data runs to the first
+    0xFF followed by neither 0x00 (stuffing), 0xD0-0xD7 (restart) nor 0xFF (fill). Independent of the
+    project's reader; written from the JPEG standard (ITU T.81, annex B).
+    """
+    pos = 2
+    while pos < len(data):
+        if data[pos] != 0xFF:
+            pos += 1
+            continue
+        while pos < len(data) and data[pos] == 0xFF:
+            pos += 1
+        if pos >= len(data):
+            return None
+        marker = data[pos]
+        pos += 1
+        if marker == 0xD9:
+            return pos
+        if 0xD0 <= marker <= 0xD7 or marker in (0x01, 0xD8):
+            continue
+        if pos + 2 > len(data):
+            return None
+        pos += int.from_bytes(data[pos:pos + 2], "big")
+        if pos > len(data):
+            return None
+        if marker == 0xDA:
+            while True:
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= len(data):
+                    return None
+                if data[pos + 1] == 0 or 0xD0 <= data[pos + 1] <= 0xD7:
+                    pos += 2
+                elif data[pos + 1] == 0xFF:
+                    pos += 1
+                else:
+                    break
+    return None
 
 
 def _exif_with_thumbnail(orientation: int, thumbnail: bytes) -> bytes:
@@ -332,6 +374,44 @@ def make_trailing_bytes_jpg(folder: Path, name: str = "trailing.jpg") -> Path:
     imread/imdecode: (48, 64, 3), junk ignored; agree. ``jpeg_is_truncated``: False."""
     p = Path(folder) / name
     p.write_bytes(_jpeg_bytes(_base_rgb_image(), quality=90) + bytes(range(100)))
+    return p
+
+
+def make_motion_photo_jpg(folder: Path, name: str = "motion.jpg") -> Path:
+    """Android "motion photo" layout: a complete JPEG, then an MP4 (ftyp + mdat boxes) after its EOI.
+    The video's bytes hold 0xFFDA and 0xFFD8 but no final 0xFFD9, so a byte search over the whole
+    file (``jpeg_is_truncated``) calls it truncated. imread/imdecode: (48, 64, 3), the photo; agree.
+    Expected: ok."""
+    p = Path(folder) / name
+    rng = np.random.default_rng(7)
+    payload = bytearray(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes().replace(b"\xff\xd9", b"\xff\x00"))
+    payload[100:104] = b"\xff\xda\x00\x0c"  # looks like a start of scan
+    payload[2000:2004] = b"\xff\xd8\xff\xe0"  # looks like another JPEG
+    ftyp = struct.pack(">I", 24) + b"ftypmp42" + struct.pack(">I", 0) + b"isommp42"
+    mdat = struct.pack(">I", 8 + len(payload)) + b"mdat" + bytes(payload)
+    p.write_bytes(_jpeg_bytes(_base_rgb_image(), quality=90) + ftyp + mdat)
+    return p
+
+
+def make_wide_png(folder: Path, name: str = "wide_40000x8.png", width: int = 40000) -> Path:
+    """40000 x 8 PNG: decodes, but a side >= 32767 makes OpenCV's warpAffine assert (SHRT_MAX).
+    imread/imdecode: (8, 40000, 3); agree. Expected: fail (one line), never a crash."""
+    p = Path(folder) / name
+    cv2.imwrite(str(p), np.tile(base_bgr(64, 8), (1, width // 64 + 1, 1))[:, :width])
+    return p
+
+
+def make_png_header_bomb(folder: Path, name: str = "bomb_50000x50000.png", side: int = 50000) -> Path:
+    """A 100-byte PNG whose IHDR declares ``side`` x ``side`` RGB pixels (7.5 GB decoded for 50000),
+    followed by a tiny IDAT and IEND. Expected: fail before decoding (pixel limit)."""
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    p = Path(folder) / name
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                  + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
     return p
 
 

@@ -2,9 +2,12 @@
 
 Every output is written to a hidden temporary name in its destination folder, flushed to disk, then
 renamed; temporaries left by a killed run are recognised by name and removed once their process is gone.
+The name holds the host as well as the process id: on storage shared by several machines, a process id
+says nothing about another host's processes, so only this host's temporaries are ever removed.
 """
 import os
 import re
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Sequence
@@ -14,14 +17,21 @@ import numpy as np
 from PIL import Image
 
 TEMP_MARK = ".schp-tmp-"
-TEMP_NAME = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(?P<pid>\d+)(\.\w+)?$")
+TEMP_NAME = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)(\.\w+)?$")
 # IntegratedPIFu's loaders compare the parse maps against exactly these float32 codes (pascal labels).
 INTEGRATEDPIFU_CODES = np.array([0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], dtype=np.float32)
 
 
+def host_tag() -> str:
+    """This machine's name as it appears in temporary names (characters other than A-Z a-z 0-9 _ -
+    become _)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "unknown-host"
+
+
 def temp_path(final: Path) -> Path:
-    """Hidden sibling of `final` naming this process; keeps the suffix so writers recognise the format."""
-    return final.with_name(f".{final.stem}{TEMP_MARK}{os.getpid()}{final.suffix}")
+    """Hidden sibling of `final` naming this host and process; keeps the suffix so writers recognise
+    the format."""
+    return final.with_name(f".{final.stem}{TEMP_MARK}{host_tag()}-{os.getpid()}{final.suffix}")
 
 
 @contextmanager
@@ -61,15 +71,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: Path) -> List[Path]:
-    """Delete temporaries in `folder` whose writing process no longer runs (a crash or kill -9)."""
+    """Delete temporaries in `folder` written on this host by a process that no longer runs (a crash or
+    kill -9). Other hosts' temporaries are left alone: their processes cannot be checked from here."""
     removed = []
+    host = host_tag()
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
     for entry in entries:
         match = TEMP_NAME.match(entry.name)
-        if match and entry.is_file(follow_symlinks=False) and not _pid_alive(int(match.group("pid"))):
+        if match and match.group("host") == host and entry.is_file(follow_symlinks=False) \
+                and not _pid_alive(int(match.group("pid"))):
             try:
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
@@ -93,10 +106,18 @@ def save_npy(array: np.ndarray, path: Path) -> None:
 
 @contextmanager
 def npy_memmap(path: Path, shape, dtype=np.float32) -> Iterator[np.ndarray]:
-    """A writable memory-mapped .npy to fill in place (bounded memory for any size), atomically."""
+    """A writable memory-mapped .npy to fill in place (bounded memory for any size), atomically.
+
+    The file's blocks are reserved before any page is written: pages of a sparse file that find the
+    disk full fail with SIGBUS, which kills the process; reserved, a full disk is an ENOSPC here.
+    """
     with atomic_path(path) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
         try:
+            with open(tmp, "rb+") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size:
+                    os.posix_fallocate(f.fileno(), 0, size)
             yield array
             array.flush()
         finally:
