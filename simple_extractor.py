@@ -50,6 +50,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="fp32 reproduces the original; bf16 is faster on CPUs with bf16 units; fp16 CUDA only")
     p.add_argument("--allow-tf32", action="store_true", help="let CUDA use TF32 (faster, changes maps)")
+    p.add_argument("--flip", action="store_true",
+                   help="test-time augmentation: average with the mirrored image's logits (left/right swapped)")
+    p.add_argument("--multi-scales", default="1", metavar="S1,S2,...",
+                   help="test-time augmentation: average the logits over these input scales, e.g. 0.75,1.0,1.25")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="process only shard I of N (1 <= I <= N) of the sorted inputs")
     p.add_argument("--dry-run", action="store_true",
@@ -146,25 +150,19 @@ def print_legend(spec) -> None:
 
 
 def load_parser(args, spec):
-    import torch
-    from schp.checkpoint import (CheckpointError, cached_zip_copy, check_state_dict, default_cache_dir,
-                                  read_state_dict, resolve_checkpoint)
-    from schp.inference import HumanParser, select_device
-    from networks import build_ce2p
+    from schp.checkpoint import CheckpointError
+    from schp.inference import load_human_parser, parse_scales, select_device
 
     try:
         device = select_device(args.device, args.gpu)
+        scales = parse_scales(args.multi_scales)
     except (ValueError, RuntimeError) as err:
         raise SetupError(str(err)) from None
     given = args.model_restore is not None
     path = Path(args.model_restore) if given else HERE / "checkpoints" / spec.checkpoint
     try:
-        path = resolve_checkpoint(path, spec, allow_download=not given or path.name == spec.checkpoint)
-        state = read_state_dict(cached_zip_copy(path, default_cache_dir()))
-        with torch.device("meta"):  # shapes only
-            expected = build_ce2p(spec.num_classes).state_dict()
-        check_state_dict(state, expected, spec, path)
-        return HumanParser(spec, state, device, args.precision, args.allow_tf32), path
+        return load_human_parser(spec, path, device, args.precision, allow_tf32=args.allow_tf32, flip=args.flip,
+                                 scales=scales, allow_download=not given or path.name == spec.checkpoint)
     except (CheckpointError, ValueError) as err:  # ValueError: a precision the device cannot run
         raise SetupError(str(err)) from None
 
