@@ -115,13 +115,13 @@ def models(tmp_path_factory):
     return Models(tmp_path_factory.mktemp("checkpoints"))
 
 
-def write_split(root, images, gts, split="val"):
+def write_split(root, images, gts, split="val", ext=".jpg"):
     for sub in (f"{split}_images", f"{split}_segmentations"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     ids = []
     for i, (image, gt) in enumerate(zip(images, gts)):
         name = f"img{i}"
-        cv2.imwrite(str(root / f"{split}_images" / f"{name}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        cv2.imwrite(str(root / f"{split}_images" / f"{name}{ext}"), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
         if gt is not None:
             Image.fromarray(gt).save(root / f"{split}_segmentations" / f"{name}.png")
         ids.append(name)
@@ -273,7 +273,6 @@ def assert_same_metrics(fields, reference):
     assert abs(fields["mean_iou"] - reference["Mean IU"]) <= 0.02
     assert abs(fields["pixel_accuracy"] - reference["Pixel accuracy"]) <= 0.05
     assert abs(fields["mean_accuracy"] - reference["Mean accuracy"]) <= 0.05
-    assert 10 < fields["mean_iou"] < 90  # a meaningful case, not all-right or all-wrong
 
 
 class ProjectNetwork:
@@ -356,19 +355,22 @@ def test_metrics_equal_the_released_evaluator_with_its_own_network(dataset, tta,
 
 
 @pytest.mark.parametrize("dataset", ["lip", "atr", "pascal"])
-def test_catalog_input_size_from_the_command_line(dataset, models, tmp_path, capsys):
-    """One image at the dataset's own input size (no --input-size), through evaluate.main."""
+def test_catalog_input_size_from_the_command_line(dataset, checkpoints, tmp_path, capsys):
+    """One image at the dataset's own input size (no --input-size), plain seed-0 synthetic checkpoint,
+    through evaluate.main, against the released evaluator with its own network."""
     import evaluate as cli
 
     w, h = (70, 52)
     image = photo(5, w, h)
     root = write_split(tmp_path / "data", [image], [np.zeros((h, w), np.uint8)])
-    orig.run_original_evaluate(models.oracle(dataset), str(root), dataset, save_dir=str(tmp_path / "seed"))
-    gt = perturb(read_png(tmp_path / "seed" / "img0.png"), DATASETS[dataset].num_classes, 7)
-    write_split(root, [image], [gt])
-    reference, _ = orig.run_original_evaluate(models.oracle(dataset), str(root), dataset)
+    num_classes = DATASETS[dataset].num_classes
+    oracle = original_pipeline.load_model(str(checkpoints(dataset)), num_classes)
+    preds, scales, centers = orig.original_predictions(oracle, str(root), dataset, save_dir=str(tmp_path / "seed"))
+    write_split(root, [image], [perturb(read_png(tmp_path / "seed" / "img0.png"), num_classes, 7)])
+    reference, _ = orig.compute_mean_ioU(preds, scales, centers, num_classes, str(root),
+                                         orig.default_input_size(dataset))
     code = cli.main(["--dataset", dataset, "--data-dir", str(root), "--model-restore",
-                     str(models.checkpoints(dataset)), "--device", "cpu", "--summary", str(tmp_path / "s.json"),
+                     str(checkpoints(dataset)), "--device", "cpu", "--summary", str(tmp_path / "s.json"),
                      "--quiet"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -376,7 +378,8 @@ def test_catalog_input_size_from_the_command_line(dataset, models, tmp_path, cap
     assert summary["dataset"] == dataset and summary["input_size"] == list(DATASETS[dataset].input_size)
     assert summary["images"] == 1 and summary["failed"] == [] and summary["legacy_int_centers"] is True
     assert summary["tta"] == {"flip": False, "scales": [1.0]}
-    assert len(summary["iou"]) == DATASETS[dataset].num_classes
+    assert len(summary["iou"]) == num_classes
+    assert sum(v > 0 for v in summary["iou"]) >= 2  # more than one class found
     assert_same_metrics(summary, reference)
     for name, value in zip(DATASETS[dataset].labels, summary["iou"]):  # the table names the dataset's classes
         assert any(line.split()[1:] == name.split() + [f"{value:.2f}"] for line in out.splitlines())
@@ -400,27 +403,37 @@ def test_files_mode_equals_model_mode(models, folders, tmp_path):
 
 @pytest.mark.parametrize("dataset", ["lip", "atr"])
 def test_flip_makes_an_image_and_its_mirror_give_mirrored_maps(dataset, models, tmp_path):
+    """With flip on, the logits are mirror-symmetric up to the left/right exchange, so a mirrored image gets
+    the mirrored map with pairs exchanged. At width 91 OpenCV's fixed-point crop of the mirror is exactly the
+    mirrored crop; only the columns that the nearest-neighbour warp back samples at a tie (crop position
+    exactly half-way between two pixels: k * (x - 45) an integer, k = (in_w - 1) / 90) may differ."""
     spec = DATASETS[dataset]
-    image = photo(3, 90, 72)
+    width, height, centre = 91, 72, 45
+    k = (SMALL[dataset][1] - 1) / (width - 1)
+    ties = [x for x in range(width) if abs(k * (x - centre) - round(k * (x - centre))) < 1e-9]
+    image = photo(3, width, height)
     perm = np.array(spec.flip_permutation)
-    gt = np.zeros((72, 90), np.uint8)
+    gt = np.zeros((height, width), np.uint8)
     gt[20:60, 10:40], gt[20:60, 50:70], gt[:10, :30] = spec.flip_pairs[0][0], spec.flip_pairs[0][1], 255
+    gt[:, ties] = 255
     mirrored = gt[:, ::-1]
     mirror_gt = np.where(mirrored == 255, 255, perm[np.minimum(mirrored, spec.num_classes - 1)]).astype(np.uint8)
-    root = write_split(tmp_path / "data", [image, image[:, ::-1].copy()], [gt, mirror_gt])
+    root = write_split(tmp_path / "data", [image, image[:, ::-1].copy()], [gt, mirror_gt], ext=".png")
     parser = models.parser(dataset, True, (1.0, 0.75), SMALL[dataset])
     crops = torch.from_numpy(np.stack([cv2.resize(image, SMALL[dataset][::-1]),
                                        cv2.resize(image, SMALL[dataset][::-1])[:, ::-1]]))
     logits = parser.logits(crops)
-    torch.testing.assert_close(logits[1], logits[0][list(perm)].flip(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[1], logits[0][list(perm)].flip(-1), rtol=1e-5, atol=1e-5)
     result = evaluate(parser, root, legacy_int_centers=False, save_dir=tmp_path / "maps", quiet=True)
-    a, b = read_png(tmp_path / "maps" / "img0.png"), read_png(tmp_path / "maps" / "img1.png")
-    assert np.mean(perm[a][:, ::-1] == b) >= 0.999
     assert result.images == 2
-    # each image against its own ground truth: the same per-class counts up to the left/right exchange
+    a, b = read_png(tmp_path / "maps" / "img0.png"), read_png(tmp_path / "maps" / "img1.png")
+    assert len(np.unique(a)) >= 3
+    same = perm[a][:, ::-1] == b
+    assert np.delete(same, ties, axis=1).all() and len(ties) < 10
+    # each image against its own ground truth: the same counts once left and right are exchanged
     one = confusion_matrix(gt, a, spec.num_classes)
     other = confusion_matrix(mirror_gt, b, spec.num_classes)
-    assert np.abs(one[np.ix_(perm, perm)] - other).sum() <= 0.002 * gt.size
+    np.testing.assert_array_equal(one[np.ix_(perm, perm)], other)
 
 
 # ----------------------------------------------------------------------------- command line, bad input
@@ -469,10 +482,14 @@ def test_bad_inputs_are_named_left_out_and_counted(models, folders, tmp_path, ca
 def test_files_mode_refuses_bad_predictions(folders, tmp_path, capsys):
     import evaluate as cli
 
-    root = folders("pascal")
+    root = tmp_path / "data"
+    shutil.copytree(folders("pascal"), root)
+    with open(root / "val_id.txt", "a") as f:
+        f.write("img3\n")
+    shutil.copy(root / "val_segmentations" / "img0.png", root / "val_segmentations" / "img3.png")
     preds = tmp_path / "preds"
     preds.mkdir()
-    gts = [read_png(root / "val_segmentations" / f"img{i}.png") for i in range(len(SIZES))]
+    gts = [read_png(root / "val_segmentations" / f"img{i}.png") for i in range(3)]
     Image.fromarray(np.where(gts[0] == 255, 0, gts[0]).astype(np.uint8)).save(preds / "img0.png")
     Image.fromarray(gts[1][:, 1:] % 7).save(preds / "img1.png")  # wrong size
     Image.fromarray(np.full(gts[2].shape, 7, np.uint8)).save(preds / "img2.png")  # not a class
@@ -509,23 +526,25 @@ def test_original_command_line_runs_as_written(models, folders, tmp_path):
 
 
 # ----------------------------------------------------------------------------- extractor TTA
-def test_extractor_flip_and_scales_equal_the_released_tta_then_inverse_warp(models, run_cli, tmp_path):
-    image = photo(2, 80, 60)
+def test_extractor_flip_and_scales_equal_the_released_tta_then_inverse_warp(checkpoints, run_cli, tmp_path):
+    image = cv2.resize(cv2.imread(str(ROOT / "demo" / "demo.jpg")), (120, 80), interpolation=cv2.INTER_AREA)
+    oracle = original_pipeline.load_model(str(checkpoints("pascal")), 7)
     (tmp_path / "in").mkdir()
     cv2.imwrite(str(tmp_path / "in" / "a.png"), image)
-    code, _, err = run_cli("--dataset", "pascal", "--model-restore", models.checkpoints("pascal"), "--device", "cpu",
+    code, _, err = run_cli("--dataset", "pascal", "--model-restore", checkpoints("pascal"), "--device", "cpu",
                            "--input-dir", tmp_path / "in", "--output-dir", tmp_path / "out",
                            "--flip", "--multi-scales", "0.5,1")
     assert code == 0, err
     x, c, s, w, h = original_pipeline.preprocess(str(tmp_path / "in" / "a.png"), [512, 512])
     with torch.no_grad():
-        _, hwc = orig.multi_scale_testing(models.oracle("pascal"), torch.cat([x, x.flip(-1)]), crop_size=[512, 512],
+        _, hwc = orig.multi_scale_testing(oracle, torch.cat([x, x.flip(-1)]), crop_size=[512, 512],
                                           flip=True, multi_scales=(0.5, 1), swap=None)
     expected = np.argmax(original_pipeline.transform_logits(hwc, c, s, w, h, [512, 512]), axis=2)
+    assert len(np.unique(expected)) >= 3
     assert np.mean(read_png(tmp_path / "out" / "a.png") == expected) >= 0.999
-    plain = run_cli("--dataset", "pascal", "--model-restore", models.checkpoints("pascal"), "--device", "cpu",
+    plain = run_cli("--dataset", "pascal", "--model-restore", checkpoints("pascal"), "--device", "cpu",
                     "--input-dir", tmp_path / "in", "--output-dir", tmp_path / "plain")
     assert plain[0] == 0
     assert not np.array_equal(read_png(tmp_path / "plain" / "a.png"), read_png(tmp_path / "out" / "a.png"))
-    assert run_cli("--dataset", "pascal", "--model-restore", models.checkpoints("pascal"), "--input-dir",
+    assert run_cli("--dataset", "pascal", "--model-restore", checkpoints("pascal"), "--input-dir",
                    tmp_path / "in", "--output-dir", tmp_path / "x", "--multi-scales", "0")[0] == 2
