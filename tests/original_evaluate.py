@@ -108,7 +108,7 @@ class LIPDataValSet:
         scale = np.array([w, h], dtype=np.float32)
         return center, scale
 
-    def transform(self, image):  # torchvision ToTensor + Normalize(mean=[0.406, 0.456, 0.485], std=[0.225, 0.224, 0.229])
+    def transform(self, image):  # ToTensor + Normalize(mean=[0.406, 0.456, 0.485], std=[0.225, 0.224, 0.229])
         x = torch.from_numpy(image.transpose((2, 0, 1))).contiguous().float().div(255)
         mean = torch.as_tensor([0.406, 0.456, 0.485], dtype=torch.float32)
         std = torch.as_tensor([0.225, 0.224, 0.229], dtype=torch.float32)

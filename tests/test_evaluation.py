@@ -84,7 +84,8 @@ class Models:
                                                   [in_h, in_w])
                 crops.append(cv2.warpAffine(photo(i, w, h), trans, (in_w, in_h), flags=cv2.INTER_LINEAR))
             x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(255)
-            x = (x - torch.tensor([0.406, 0.456, 0.485])[:, None, None]) / torch.tensor([0.225, 0.224, 0.229])[:, None, None]
+            mean, std = torch.tensor([0.406, 0.456, 0.485]), torch.tensor([0.225, 0.224, 0.229])
+            x = (x - mean[:, None, None]) / std[:, None, None]
             with torch.no_grad():
                 z = model.eval()(x)[0][1]
             mean, std = z.mean((0, 2, 3)), z.std((0, 2, 3))
