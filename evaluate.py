@@ -84,7 +84,8 @@ def choose_spec(args):
                          f"({spec.num_classes} classes); {args.num_classes} classes is "
                          f"{dataset_for_num_classes(args.num_classes)}")
     if args.ignore_label != 255:
-        raise SetupError("--ignore-label: only 255 is supported (as in the original, where it was hard-coded)")
+        print(f"warning: --ignore-label {args.ignore_label} is not used: 255 is the ignore label "
+              "(as in the original, which parsed the option and hard-coded 255)", file=sys.stderr)
     if args.input_size:
         spec = replace(spec, input_size=parse_input_size(args.input_size))
     return spec

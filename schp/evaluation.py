@@ -206,6 +206,8 @@ def evaluate(parser: HumanParser, data_dir, split: str = "val", *, legacy_int_ce
     With `save_dir`, each prediction is written there as `<id>.png` (palette PNG, float centre, image
     size), as the released `--save-results` did. A missing or empty id file raises LabelledDataError.
     """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
     spec = parser.spec
     num_classes, input_size = spec.num_classes, tuple(spec.input_size)
     samples = list_samples(Path(data_dir), split, label_dir=label_dir)
