@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="fp32 reproduces the original; bf16 is faster on CPUs with bf16 units; fp16 CUDA only")
     p.add_argument("--allow-tf32", action="store_true", help="let CUDA use TF32 (faster, changes maps)")
+    p.add_argument("--flip", action="store_true",
+                   help="test-time augmentation: average with the mirrored image's logits (left/right swapped)")
+    p.add_argument("--multi-scales", default="1", metavar="S1,S2,...",
+                   help="test-time augmentation: average the logits over these input scales, e.g. 0.75,1.0,1.25")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="process only shard I of N (1 <= I <= N) of the sorted inputs")
     p.add_argument("--dry-run", action="store_true",
@@ -270,9 +274,12 @@ def dataset_spec(args):
 def load_parser(args, spec):
     from schp.api import load_parser as load
     from schp.checkpoint import CheckpointError
+    from schp.inference import parse_scales
 
     try:
-        return load(spec, args.model_restore, args.device, args.gpu, args.precision, args.allow_tf32)
+        scales = parse_scales(args.multi_scales)
+        return load(spec, args.model_restore, args.device, args.gpu, args.precision, args.allow_tf32,
+                    flip=args.flip, scales=scales)
     except (CheckpointError, ValueError) as err:  # ValueError: a device or precision this machine lacks
         raise SetupError(str(err)) from None
 

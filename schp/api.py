@@ -31,10 +31,7 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
     HumanParser (flip, scales, backend...). Raises CheckpointError or ValueError with one sentence.
     """
     import torch
-    from networks import build_ce2p
-    from schp.checkpoint import (cached_zip_copy, check_state_dict, default_cache_dir, read_state_dict,
-                                 resolve_checkpoint)
-    from schp.inference import HumanParser, select_device, slow_bf16_warning
+    from schp.inference import HumanParser, load_human_parser, select_device, slow_bf16_warning
 
     try:
         device = device if isinstance(device, torch.device) else select_device(str(device), gpu)
@@ -50,16 +47,8 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
         options["backend"] = backend
     elif backend != "torch":
         raise ValueError(f"backend {backend!r} is not available in this version (only 'torch')")
-    path = resolve_checkpoint(path, spec, allow_download=not given or path.name == spec.checkpoint)
-    with torch.device("meta"):  # shapes only
-        expected = build_ce2p(spec.num_classes).state_dict()
-
-    def check(state):  # before any conversion: a refused checkpoint is never converted or cached
-        check_state_dict(state, expected, spec, path)
-
-    state = read_state_dict(cached_zip_copy(path, default_cache_dir(), check=check))
-    check(state)
-    return HumanParser(spec, state, device, precision, allow_tf32, **options), path
+    return load_human_parser(spec, path, device, precision, allow_tf32=allow_tf32,
+                             allow_download=not given or path.name == spec.checkpoint, **options)
 
 
 def _check_color(color: Optional[str], what: str) -> str:

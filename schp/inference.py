@@ -8,6 +8,7 @@ convolutions, the channels-last layout and batching; results stay those of the r
 """
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -218,6 +219,45 @@ class HumanParser:
         """height x width uint8 label map from one image's C x in_h x in_w logits, on the device."""
         out_to_in = output_to_input_map(center, scale, self.spec.input_size)
         return warp_argmax_torch(logits, out_to_in, width, height).cpu().numpy()
+
+
+def parse_scales(text: str) -> Tuple[float, ...]:
+    """`--multi-scales 0.75,1.0,1.25` -> (0.75, 1.0, 1.25); ValueError naming the option otherwise."""
+    try:
+        scales = tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--multi-scales {text}: expected numbers separated by commas, e.g. 0.75,1.0,1.25") from None
+    if not scales or any(not 0 < s <= 4 for s in scales):
+        raise ValueError(f"--multi-scales {text}: each scale must be in (0, 4]")
+    return scales
+
+
+def load_human_parser(spec: DatasetSpec, checkpoint: Path, device: torch.device, precision: str = "fp32", *,
+                      allow_tf32: bool = False, allow_download: bool = False, cache_dir: Optional[Path] = None,
+                      **options) -> Tuple[HumanParser, Path]:
+    """A HumanParser for a checkpoint file, and the path it was read from (after any download).
+
+    The one loading path of every front door. Reads safely, checks every key and shape against the
+    network of `spec` (one readable error) before anything is converted, and uses the converted zip
+    copy in the cache when there is one (default cache: see checkpoint.default_cache_dir). `options`
+    go to HumanParser (flip, scales, ...). Raises CheckpointError, or ValueError for a precision or
+    augmentation setting the device cannot run.
+    """
+    from networks import build_ce2p
+    from schp.checkpoint import (cached_zip_copy, check_state_dict, default_cache_dir, read_state_dict,
+                                 resolve_checkpoint)
+
+    path = resolve_checkpoint(Path(checkpoint), spec, allow_download=allow_download)
+    with torch.device("meta"):  # shapes only
+        expected = build_ce2p(spec.num_classes).state_dict()
+
+    def check(state):  # before any conversion: a refused checkpoint is never converted or cached
+        check_state_dict(state, expected, spec, path)
+
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
+    state = read_state_dict(cached_zip_copy(path, cache, check=check))
+    check(state)
+    return HumanParser(spec, state, device, precision, allow_tf32, **options), path
 
 
 def labels_from_logits(logits: np.ndarray, center: np.ndarray, scale: np.ndarray, width: int, height: int,

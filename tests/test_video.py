@@ -9,6 +9,7 @@ from PIL import Image
 
 import corpus
 from datasets.catalog import DATASETS
+from utils.outputs import host_tag
 from utils.palette import class_colors
 
 W, H = 64, 48
@@ -96,10 +97,11 @@ def test_truncated_video_parses_what_decodes_then_resumes(checkpoints, run_cli, 
     (inputs / "clip.avi").write_bytes(full[:len(full) // 2])  # a copy cut short
     args = ("--model-restore", checkpoints("pascal"), "--device", "cpu", "--input-dir", inputs,
             "--output-dir", out, "--every", "3")
-    dead = 2 ** 22 + 1  # above Linux's largest pid: temporaries of a process that is gone
+    dead = 2 ** 22 + 1  # above Linux's largest pid: temporaries of a process of this host that is gone
+    host = host_tag()
     (out / "clip").mkdir(parents=True)
-    (out / "clip" / f".frame_000003.schp-tmp-{dead}.png").write_bytes(b"partial")
-    (out / f".clip_parsing.schp-tmp-{dead}.mp4").write_bytes(b"partial")
+    (out / "clip" / f".frame_000003.schp-tmp-{host}-{dead}.png").write_bytes(b"partial")
+    (out / f".clip_parsing.schp-tmp-{host}-{dead}.mp4").write_bytes(b"partial")
     code, _, err = run_cli(*args)
     assert code == 1
     errors = [line for line in err.splitlines() if line.startswith("error:")]
