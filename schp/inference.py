@@ -243,7 +243,6 @@ def load_human_parser(spec: DatasetSpec, checkpoint: Path, device: torch.device,
     go to HumanParser (flip, scales, ...). Raises CheckpointError, or ValueError for a precision or
     augmentation setting the device cannot run.
     """
-    from networks import build_ce2p
     from schp.checkpoint import (cached_zip_copy, check_state_dict, default_cache_dir, read_state_dict,
                                  resolve_checkpoint)
 

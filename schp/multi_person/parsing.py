@@ -43,15 +43,7 @@ def load_parser(spec, path, allow_download: bool, device, precision: str = "fp32
                 scales: Sequence[float] = (1.0,)) -> Tuple[HumanParser, Path]:
     """A HumanParser for one of the CIHP checkpoints (either container; downloaded when it is missing and
     named as released). Raises CheckpointError or ValueError with a one-line reason."""
-    import torch
+    from schp.inference import load_human_parser
 
-    from networks import build_ce2p
-    from schp.checkpoint import cached_zip_copy, check_state_dict, default_cache_dir, read_state_dict, \
-        resolve_checkpoint
-
-    path = resolve_checkpoint(Path(path), spec, allow_download)
-    state = read_state_dict(cached_zip_copy(path, default_cache_dir()))
-    with torch.device("meta"):  # shapes only
-        expected = build_ce2p(spec.num_classes).state_dict()
-    check_state_dict(state, expected, spec, path)
-    return HumanParser(spec, state, device, precision, flip=flip, scales=scales), path
+    return load_human_parser(spec, Path(path), device, precision, allow_download=allow_download, flip=flip,
+                             scales=scales)
