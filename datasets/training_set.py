@@ -17,9 +17,8 @@ from torch.utils.data import Dataset
 from datasets.augment import augment, whole_image_crop
 from datasets.labelled import LabelledDataError, Sample, label_problem, list_samples, read_label
 from datasets.simple_extractor_dataset import ImageError, read_image
+from utils.transforms import MEAN_BGR, STD_BGR
 
-MEAN_BGR = (0.406, 0.456, 0.485)
-STD_BGR = (0.225, 0.224, 0.229)
 AUGMENTED_SPLITS = ("train", "trainval")
 
 

@@ -17,11 +17,8 @@ import torch.nn.functional as F
 
 from datasets.catalog import DatasetSpec
 from networks import build_ce2p, fold_abn
-from utils.transforms import output_to_input_map, row_bands, warp_argmax_torch, warp_channel_rows
+from utils.transforms import MEAN_BGR, STD_BGR, output_to_input_map, row_bands, warp_argmax_torch, warp_channel_rows
 
-# The input contract of the released models: BGR order, x/255, then per-channel mean/std (B, G, R).
-MEAN_BGR = (0.406, 0.456, 0.485)
-STD_BGR = (0.225, 0.224, 0.229)
 PRECISIONS = ("fp32", "bf16", "fp16")
 BAND_BYTES = 32 << 20  # inverse warp in row bands of at most this many bytes of float logits
 

@@ -377,37 +377,3 @@ def test_imagenet_backbone_loading_rules(tmp_path):
         load_imagenet(model, tmp_path / "partial.pth")
     with pytest.raises(TrainingError, match="no such file.*--imagenet-pretrain none"):
         load_imagenet(model, tmp_path / "absent.pth")
-
-
-def test_validation_hands_the_evaluator_a_parser_of_the_model_and_maps_its_result(tmp_path):
-    """The boundary to schp.evaluation.evaluate (written separately): what goes in, what comes out."""
-    from types import SimpleNamespace
-
-    from datasets.catalog import custom_spec
-    from networks import CE2P
-    from schp.inference import HumanParser
-    from schp.training.trainer import validate
-
-    torch.manual_seed(0)
-    state = CE2P(3).state_dict()
-    spec = custom_spec(3, input_size=(64, 64))
-    calls = []
-
-    def evaluate(parser, data_dir, split, quiet):
-        calls.append((parser, data_dir, split, quiet))
-        return SimpleNamespace(mean_iou=50.0, pixel_accuracy=90.0, mean_accuracy=60.0, iou=[1.0, 2.0, 3.0],
-                               as_dict=lambda: {"mean_iou": 50.0})
-
-    row = validate(spec, state, tmp_path, torch.device("cpu"), evaluate=evaluate)
-    parser, data_dir, split, quiet = calls[0]
-    assert isinstance(parser, HumanParser) and parser.spec == spec and split == "val" and quiet
-    assert data_dir == tmp_path
-    assert row == {"val_mean_iou": 50.0, "val_pixel_accuracy": 90.0, "val_mean_accuracy": 60.0,
-                   "val": {"mean_iou": 50.0}}
-    # the parser computes with the model's weights: its fusion logits equal the model's in eval mode
-    x = torch.randn(1, 3, 64, 64)
-    model = CE2P(3)
-    model.load_state_dict(state)
-    with torch.no_grad():
-        expected = F.interpolate(model.eval()(x).fusion, size=(64, 64), mode="bilinear", align_corners=True)
-    torch.testing.assert_close(parser.logits_normalized(x), expected, rtol=1e-3, atol=1e-3)

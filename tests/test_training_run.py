@@ -73,6 +73,9 @@ def test_pascal_run_writes_the_released_files_and_follows_the_schedule(pascal_ru
         assert r["loss_consistency"] == 0.0 and r["iterations"] == 1 and r["seconds"] > 0
     with Image.open(log / "curves.png") as im:
         assert im.format == "PNG" and im.size[0] > im.size[1]
+    # validation after epochs 2 and 4 scored the SCHP model of that point, with evaluate.py's code
+    assert [("val_mean_iou" in r) for r in rows] == [False, True, False, True]
+    assert rows[1]["val_model"] == rows[3]["val_model"] == "schp"
 
     ckpt = torch.load(log / "checkpoint_4.pth.tar", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 4 and ckpt["labels"][1] == "Head" and ckpt["input_size"] == [64, 64]
@@ -81,6 +84,22 @@ def test_pascal_run_writes_the_released_files_and_follows_the_schedule(pascal_ru
     keys = json.loads((ROOT / "tests" / "data" / "state_dict_keys.json").read_text())["pascal"]
     assert [[k, list(v.shape)] for k, v in schp["state_dict"].items()] == \
         [["module." + k, s] for k, s in keys]
+
+
+def test_validation_figures_equal_evaluate_py_on_the_saved_checkpoints(pascal_run, tmp_path, capsys):
+    import evaluate
+
+    _, data, log = pascal_run
+    rows = metrics(log)
+    for row, saved in ((rows[1], "schp_1_checkpoint.pth.tar"), (rows[3], "schp_3_checkpoint.pth.tar")):
+        summary = tmp_path / f"{saved}.json"
+        code = evaluate.main(["--dataset", "pascal", "--data-dir", str(data), "--model-restore", str(log / saved),
+                              "--input-size", "64,64", "--device", "cpu", "--summary", str(summary), "--quiet"])
+        assert code == 0, capsys.readouterr().err
+        scored = json.loads(summary.read_text())
+        assert scored["images"] == 1
+        assert row["val_mean_iou"] == pytest.approx(scored["mean_iou"], abs=1e-9)
+        assert row["val_pixel_accuracy"] == pytest.approx(scored["pixel_accuracy"], abs=1e-9)
 
 
 def test_final_schp_model_loads_in_the_extractor_and_the_released_loader(pascal_run, run_cli, tmp_path):

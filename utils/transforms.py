@@ -10,6 +10,9 @@ import cv2
 import numpy as np
 
 Size = Tuple[int, int]  # (height, width)
+# The input contract of the released models: BGR order, x/255, then per-channel mean/std (B, G, R).
+MEAN_BGR = (0.406, 0.456, 0.485)
+STD_BGR = (0.225, 0.224, 0.229)
 
 
 def box_center_scale(width: int, height: int, aspect_ratio: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:

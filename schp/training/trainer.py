@@ -259,16 +259,14 @@ def has_split(data_dir: Path, split: str) -> bool:
     return (Path(data_dir) / f"{split}_id.txt").is_file()
 
 
-def validate(spec: DatasetSpec, state: Dict[str, torch.Tensor], data_dir: Path, device: torch.device,
-             evaluate=None) -> Dict:
+def validate(spec: DatasetSpec, state: Dict[str, torch.Tensor], data_dir: Path, device: torch.device) -> Dict:
     """Metrics of a model (state dict without `module.`) on the `val` split, with the evaluator's code.
 
     Returns {"val_mean_iou": ..., "val_pixel_accuracy": ..., "val_mean_accuracy": ..., "val": as_dict()}.
     """
+    from schp.evaluation import evaluate
     from schp.inference import HumanParser
 
-    if evaluate is None:
-        from schp.evaluation import evaluate  # the evaluator's module; imported only when validating
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         parser = HumanParser(spec, state, device)  # sets the TF32 switches for exact inference
@@ -433,7 +431,6 @@ def _train(cfg: TrainConfig, ctx: Distributed, say) -> int:
         with atomic_path(log_dir / "args.json") as tmp:
             tmp.write_text(json.dumps({**cfg.args, "seed": seed}, indent=1, default=str) + "\n")
     validating = has_split(cfg.data_dir, "val")
-    validation_warned = False
     stop_at = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
 
     for epoch in range(start_epoch, stop_at):
@@ -500,13 +497,8 @@ def _train(cfg: TrainConfig, ctx: Distributed, say) -> int:
         if validating and done % cfg.eval_epochs == 0 and ctx.main:
             evaluated = schp_model if cycle_n >= 1 else model
             state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
-            try:
-                row.update(validate(cfg.spec, state, cfg.data_dir, device))
-                row["val_model"] = "schp" if cycle_n >= 1 else "model"
-            except ImportError:
-                if not validation_warned:
-                    say("note: validation skipped: the evaluator (schp.evaluation) is not installed")
-                    validation_warned = True
+            row.update(validate(cfg.spec, state, cfg.data_dir, device))
+            row["val_model"] = "schp" if cycle_n >= 1 else "model"
             model.train()
         row["seconds"] = round(time.time() - started, 3)
         if ctx.main:
