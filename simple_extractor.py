@@ -49,6 +49,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=1, help="processes decoding and cropping inputs")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="fp32 reproduces the original; bf16 is faster on CPUs with bf16 units; fp16 CUDA only")
+    from schp.backends import add_backend_argument
+    add_backend_argument(p)
     p.add_argument("--allow-tf32", action="store_true", help="let CUDA use TF32 (faster, changes maps)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="process only shard I of N (1 <= I <= N) of the sorted inputs")
@@ -164,8 +166,8 @@ def load_parser(args, spec):
         with torch.device("meta"):  # shapes only
             expected = build_ce2p(spec.num_classes).state_dict()
         check_state_dict(state, expected, spec, path)
-        return HumanParser(spec, state, device, args.precision, args.allow_tf32), path
-    except (CheckpointError, ValueError) as err:  # ValueError: a precision the device cannot run
+        return HumanParser(spec, state, device, args.precision, args.allow_tf32, backend=args.backend), path
+    except (CheckpointError, ValueError) as err:  # ValueError: a precision or backend the device cannot run
         raise SetupError(str(err)) from None
 
 
@@ -185,6 +187,7 @@ def write_manifest(path: Path, args, spec, checkpoint, parser, report, started: 
         "dataset": spec.name,
         "device": str(parser.device) if parser else None,
         "precision": args.precision,
+        "backend": parser.backend if parser else None,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "opencv": cv2.__version__, "numpy": np.__version__},
         "totals": {s: report.count(s) for s in ("processed", "skipped", "failed", "not-run")},
