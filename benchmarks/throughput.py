@@ -22,6 +22,11 @@ The machine may be shared: every measurement notes the CPU time other processes 
 (/proc/stat minus our own and the CLI's rusage), waits first for the CPU to be idle (--wait-idle), re-runs
 a disturbed CLI configuration (--retries, the least disturbed run is kept) and flags what stayed disturbed.
 
+Backends: the default configurations run the network with each ``--backend`` (torch, onnxruntime,
+openvino) side by side; the one-time ONNX export that the runtime backends make on first use is timed
+separately (a one-image run into the cache) so the configurations measure steady-state inference, and
+"agree vs ref" is each backend's pixel agreement with the torch backend (fp32, batch 1) in the same run.
+
 Steady state per image: the brief's ``(t_last - t_first) / (N - 1)`` ("naive" column) under-counts
 batched runs, whose first output only appears after a whole batch of B forwards; the main column is
 ``(t[N-1] - t[B-1]) / (N - B)`` with the output times sorted, i.e. from the end of the first batch to the
@@ -70,9 +75,13 @@ ORIGINAL = ROOT / "tests" / "original_pipeline.py"
 
 GFLOP = {"pascal": 174.6, "lip": 153.0, "atr": 174.8}  # per image; atr = pascal + its wider classifiers
 NUM_CLASSES = {"pascal": 7, "lip": 20, "atr": 18}
-DEFAULT_CONFIGS = ["fp32 --batch-size 1 --num-workers 1",
-                   "fp32 --batch-size 4 --num-workers 2",
-                   "bf16 --batch-size 4 --num-workers 2"]
+DEFAULT_CONFIGS = ["fp32 --batch-size 1 --num-workers 1 --backend torch",
+                   "fp32 --batch-size 1 --num-workers 1 --backend onnxruntime",
+                   "fp32 --batch-size 1 --num-workers 1 --backend openvino",
+                   "fp32 --batch-size 4 --num-workers 2 --backend torch",
+                   "fp32 --batch-size 4 --num-workers 2 --backend openvino",
+                   "bf16 --batch-size 4 --num-workers 2 --backend torch",
+                   "bf16 --batch-size 1 --num-workers 1 --backend openvino"]
 POLL = 0.02  # s, output-folder polling period
 PSS_EVERY = 0.5  # s, process-tree memory sampling period
 GNU_TIME = "/usr/bin/time"
@@ -283,7 +292,7 @@ def run_baseline(images, checkpoint, dataset, out_dir):
 
 # ----------------------------------------------------------------------------- CLI runs
 def parse_config(text):
-    """Config string -> (CLI args, precision, batch size); a leading bare precision means --precision."""
+    """Config string -> (CLI args, precision, batch size, backend); a leading bare precision means --precision."""
     args = shlex.split(text)
     if args and args[0] in ("fp32", "bf16", "fp16"):
         args = ["--precision", args[0]] + args[1:]
@@ -291,8 +300,9 @@ def parse_config(text):
     p.add_argument("--precision", default="fp32")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--backend", default="auto")
     known, _ = p.parse_known_args(args)
-    return args, known.precision, max(1, known.batch_size)
+    return args, known.precision, max(1, known.batch_size), known.backend
 
 
 def _process_tree(root_pid):
@@ -552,6 +562,9 @@ def run(a, work):
     logs, cache = work / "logs", work / "cache"
     logs.mkdir()
     configs = [(text, *parse_config(text)) for text in a.configs]
+    for text in a.configs:  # the export cost is measured once below, not inside a configuration
+        if not re.search(r"--backend\b", text):
+            print(f"note: config {text!r} names no --backend: the CLI's default (auto) runs it", flush=True)
     one_dir = work / "one-image"
     one_dir.mkdir()
     shutil.copy2(images[0], one_dir / images[0].name)
@@ -567,12 +580,25 @@ def run(a, work):
                                              "peak_tree_pss_mib", "other_load_cores")}
         print(f"  first output after {rec['first_output_seconds']:.2f} s, exit after {rec['wall_seconds']:.2f} s, "
               f"peak RSS {rec['peak_rss_mib']:.0f} MiB", flush=True)
+    if any(c[4] != "torch" for c in configs):
+        # the ONNX export made on first use of a runtime backend (once per checkpoint), then cached
+        print("export on first use of a runtime backend, 1 image, --backend onnxruntime ...", flush=True)
+        wait_idle(a.wait_idle, "the export")
+        try:
+            rec = run_cli("export-first-use", ["--backend", "onnxruntime"], a.dataset, checkpoint, one_dir,
+                          work / "out-export", cache, logs, 1, 1, a.timeout)
+            startup["export_first_use"] = {k: rec[k] for k in ("wall_seconds", "first_output_seconds",
+                                                              "other_load_cores")}
+            print(f"  first output after {rec['first_output_seconds']:.2f} s (export and verification "
+                  f"included)", flush=True)
+        except BenchError as err:
+            print(f"  FAILED: {err}", file=sys.stderr, flush=True)
     startup["cache_files"] = {p.name: p.stat().st_size for p in cache.iterdir()} if cache.exists() else {}
     results["startup"] = startup
     print()
 
     runs, failures = [], []
-    for i, (text, cli_args, precision, batch) in enumerate(configs):
+    for i, (text, cli_args, precision, batch, backend) in enumerate(configs):
         print(f"config {i + 1}/{len(configs)}: {shlex.join(cli_args)} ...", flush=True)
         try:
             rec, attempts = None, []
@@ -595,7 +621,7 @@ def run(a, work):
             failures.append(text)
             runs.append({"label": text, "args": cli_args, "failed": str(err), "out_dir": None})
             continue
-        rec.update(precision=precision)
+        rec.update(precision=precision, backend=backend)
         rec["x_floor"] = rec["per_image"] / floor
         rec["x_conv_floor"] = rec["per_image"] / conv_floor
         rec["x_baseline"] = rec["per_image"] / baseline["seconds_per_image"] if baseline else None
@@ -605,7 +631,8 @@ def run(a, work):
               flush=True)
 
     ok = [r for r in runs if "failed" not in r]
-    reference = next((r for r in ok if r["precision"] == "fp32" and r["batch_size"] == 1), ok[0] if ok else None)
+    reference = next((r for r in ok if r["precision"] == "fp32" and r["batch_size"] == 1 and r["backend"] == "torch"),
+                     next((r for r in ok if r["precision"] == "fp32" and r["batch_size"] == 1), ok[0] if ok else None))
     for r in ok:
         r["agreement_vs_reference"] = agreement(reference["out_dir"], r["out_dir"], names)
         r["agreement_vs_baseline"] = agreement(work / "out-baseline", r["out_dir"], names) if baseline else None
@@ -622,7 +649,10 @@ def run(a, work):
         print(f"baseline (original pipeline, 1 image at a time): {baseline['seconds_per_image']:.3f} s/img "
               f"= {baseline['seconds_per_image'] / floor:.2f} x floor")
     print(f"start-up to first output (1 image): cold {startup['cold']['first_output_seconds']:.2f} s "
-          f"(includes checkpoint conversion), warm {startup['warm']['first_output_seconds']:.2f} s\n")
+          f"(includes checkpoint conversion), warm {startup['warm']['first_output_seconds']:.2f} s"
+          + (f"; first use of a runtime backend (ONNX export + verification) "
+             f"{startup['export_first_use']['first_output_seconds']:.2f} s" if "export_first_use" in startup else "")
+          + "\n")
     headers = ["config", "wall s", "1st out s", "s/img", "naive s/img", "img/s wall", "img/s steady",
                "x floor", "x conv floor", "x baseline"]
     rows = []
@@ -645,6 +675,7 @@ def run(a, work):
             for r in runs]
     print_table(headers, rows)
     print(f"\ns/img = steady state (t[N-1] - t[B-1]) / (N - B) over sorted output times; naive = (last - first) / (N - 1)."
+          f"\nagree vs ref = share of label pixels equal to those of ref (the torch backend, fp32, batch 1 when run)."
           f"\n1st out = process start to first PNG, warm cache. peak RSS = largest single process "
           f"({ok[0]['peak_rss_source'] if ok else '-'});\ntree PSS = sampled peak of the CLI and its workers "
           f"together, shared pages split. ref = {results['reference_config']}.\n"
