@@ -290,6 +290,49 @@ def run_baseline(images, checkpoint, dataset, out_dir):
             "model_load_seconds": load, "other_load_cores": load_other}
 
 
+# ----------------------------------------------------------------------------- backends, network only
+def network_by_backend(image_path, checkpoint, dataset, cache_dir, rounds):
+    """Seconds per forward of the network alone (normalised crop -> crop-space logits, batch 1) for each
+    installed backend, the backends interleaved round by round so that load from other processes
+    spreads over all of them; and each backend's label agreement with torch on that crop."""
+    sys.path.insert(0, str(ROOT))
+    from datasets.catalog import DATASETS
+    from datasets.simple_extractor_dataset import prepare_image, read_image
+    from schp.backends import BACKENDS, BackendError
+    from schp.checkpoint import read_state_dict
+    from schp.inference import HumanParser
+
+    os.environ["SCHP_CACHE_DIR"] = str(cache_dir)  # the exports go to this run's cache
+    spec, state = DATASETS[dataset], read_state_dict(checkpoint)
+    crop = torch.from_numpy(prepare_image(0, read_image(image_path), spec.input_size).image[None])
+    parsers, results = {}, {}
+    for backend in BACKENDS:
+        t0 = time.perf_counter()
+        try:
+            parsers[backend] = HumanParser(spec, state, torch.device("cpu"), backend=backend)
+        except BackendError as err:
+            print(f"  {backend}: not measured ({err})", flush=True)
+            continue
+        results[backend] = {"setup_seconds": time.perf_counter() - t0, "times": []}
+    x = parsers["torch"].normalize(crop)
+    logits = {b: p.logits_normalized(x) for b, p in parsers.items()}  # warm-up, and the maps compared
+    snap, start = cpu_snapshot(), time.perf_counter()
+    for r in range(rounds):
+        order = list(parsers)[r % len(parsers):] + list(parsers)[:r % len(parsers)]
+        for backend in order:
+            t0 = time.perf_counter()
+            parsers[backend].logits_normalized(x)
+            results[backend]["times"].append(time.perf_counter() - t0)
+    load = other_load(snap, time.perf_counter() - start)
+    reference = logits["torch"]
+    for backend, rec in results.items():
+        rec["median_seconds"] = statistics.median(rec["times"])
+        rec["best_seconds"] = min(rec["times"])
+        rec["agreement_vs_torch"] = float((logits[backend].argmax(1) == reference.argmax(1)).double().mean())
+        rec["logits_max_relative_error"] = float((logits[backend] - reference).abs().max() / reference.abs().max())
+    return results, load
+
+
 # ----------------------------------------------------------------------------- CLI runs
 def parse_config(text):
     """Config string -> (CLI args, precision, batch size, backend); a leading bare precision means --precision."""
@@ -476,6 +519,8 @@ def main():
     ap.add_argument("--retries", type=int, default=2,
                     help="re-run a CLI configuration up to this many times when other processes used the CPU "
                          "during it; the least disturbed run is kept")
+    ap.add_argument("--network-rounds", type=int, default=6,
+                    help="rounds of the interleaved network-only comparison of the backends (0 = skip it)")
     ap.add_argument("--keep-temp", action="store_true", help="keep the temporary folder (printed)")
     a = ap.parse_args()
     if a.images < 2:
@@ -538,6 +583,20 @@ def run(a, work):
           f"(median {rate_conv['median_gflops']:.1f})")
     print(f"floor = {GFLOP[a.dataset]} GFLOP / {rate['best_gflops']:.1f} GFLOP/s = {floor:.3f} s per image (fp32 matmul); "
           f"conv floor = {conv_floor:.3f} s per image\n", flush=True)
+
+    if a.network_rounds > 0:
+        print(f"network only, 1 crop of {images[0].name}, backends interleaved over {a.network_rounds} rounds "
+              "(exports the ONNX file on first use):", flush=True)
+        wait_idle(a.wait_idle, "the network comparison")
+        network, load = network_by_backend(images[0], checkpoint, a.dataset, work / "cache-network",
+                                           a.network_rounds)
+        results["network_by_backend"] = network | {"other_load_cores": load}
+        for backend, rec in network.items():
+            print(f"  {backend:12s} median {rec['median_seconds']:.3f} s (best {rec['best_seconds']:.3f}) = "
+                  f"{rec['median_seconds'] / conv_floor:.2f} x conv floor; set-up {rec['setup_seconds']:.1f} s; "
+                  f"labels = torch on {100 * rec['agreement_vs_torch']:.4f}%, logits max rel. error "
+                  f"{rec['logits_max_relative_error']:.1e}", flush=True)
+        print(f"  (other processes used {load:.2f} cores meanwhile)\n", flush=True)
 
     baseline = None
     if not a.skip_baseline:
