@@ -97,9 +97,8 @@ def cached_onnx(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_di
     from schp.export import DEFAULT_OPSET, ExportError, export
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if cache_dir is None:  # caching disabled: a private temporary folder for this process
-        import tempfile
-        cache_dir = Path(tempfile.mkdtemp(prefix="schp-export-"))
+    if cache_dir is None:
+        raise BackendError("the checkpoint cache is disabled (SCHP_CACHE_DIR is empty)")
     h, w = spec.input_size
     path = cache_dir / "exports" / (f"{spec.name}-{h}x{w}-{state_dict_digest(state_dict)}"
                                     f"-opset{DEFAULT_OPSET}-torch{torch.__version__.split('+')[0]}.onnx")
@@ -196,10 +195,23 @@ def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dic
 
 def make_runner(backend: str, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precision: str = "fp32",
                 cache_dir: Optional[Path] = None, quiet: bool = False):
-    """A callable N x 3 x h x w float32 -> N x C x h/4 x w/4 float32 fusion logits, for a non-torch backend."""
-    path = cached_onnx(spec, state_dict, cache_dir, quiet)
-    if backend == "onnxruntime":
-        return OnnxRuntimeRunner(path)
-    if backend == "openvino":
-        return OpenVinoRunner(path, precision)
-    raise BackendError(f"no runner for backend {backend!r}")
+    """A callable N x 3 x h x w float32 -> N x C x h/4 x w/4 float32 fusion logits, for a non-torch backend.
+
+    With the cache disabled (SCHP_CACHE_DIR='') the file is exported to a temporary folder, loaded, and
+    removed: every run then pays the export.
+    """
+    import shutil
+    import tempfile
+    from schp.checkpoint import default_cache_dir
+
+    if backend not in ("onnxruntime", "openvino"):
+        raise BackendError(f"no runner for backend {backend!r}")
+    temporary = None
+    if cache_dir is None and default_cache_dir() is None:
+        temporary = cache_dir = Path(tempfile.mkdtemp(prefix="schp-export-"))
+    try:
+        path = cached_onnx(spec, state_dict, cache_dir, quiet)
+        return OnnxRuntimeRunner(path) if backend == "onnxruntime" else OpenVinoRunner(path, precision)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
