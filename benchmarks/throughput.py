@@ -39,6 +39,7 @@ format) unless --checkpoint is given. Everything goes to a temporary folder remo
 Rerun (from the repository root; takes several minutes on 2 cores with the defaults):
 
     python benchmarks/throughput.py --out results.json
+    python benchmarks/throughput.py --network-only --network-rounds 10   # the backends' network alone
     python benchmarks/throughput.py --images 6 --skip-baseline \\
         --configs "fp32 --batch-size 2" "--precision bf16 --batch-size 2 --num-workers 2"
 
@@ -521,6 +522,8 @@ def main():
                          "during it; the least disturbed run is kept")
     ap.add_argument("--network-rounds", type=int, default=6,
                     help="rounds of the interleaved network-only comparison of the backends (0 = skip it)")
+    ap.add_argument("--network-only", action="store_true",
+                    help="stop after the rates and the network-only backend comparison (a quick rerun)")
     ap.add_argument("--keep-temp", action="store_true", help="keep the temporary folder (printed)")
     a = ap.parse_args()
     if a.images < 2:
@@ -597,6 +600,11 @@ def run(a, work):
                   f"labels = torch on {100 * rec['agreement_vs_torch']:.4f}%, logits max rel. error "
                   f"{rec['logits_max_relative_error']:.1e}", flush=True)
         print(f"  (other processes used {load:.2f} cores meanwhile)\n", flush=True)
+    if a.network_only:
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
 
     baseline = None
     if not a.skip_baseline:
