@@ -93,6 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         # a missing runtime package is a set-up problem; a file that does not verify is a failure
         return EXIT_SETUP if "is not installed" in str(err) or "needs the package" in str(err) else EXIT_FAILED
+    except OSError as err:  # unwritable folder, disk full: the temporary is already removed
+        print(f"error: cannot write {output}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_SETUP
     if result is not None:
         print(result.line())
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f} s",
