@@ -68,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     from datasets.catalog import DATASETS
     from schp.checkpoint import CheckpointError
-    from schp.export import DEFAULT_OPSET, ExportError, check_options, export
+    from schp.export import ExportError, check_options, export
 
     spec = DATASETS[args.dataset]
     output = Path(args.output)

@@ -10,7 +10,7 @@ PyTorch, and only then renamed into place.
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -231,7 +231,3 @@ def require(package: str):
     except ImportError:
         raise ExportError(f"the package '{package}' is not installed "
                           "(pip install -r requirements-runtimes.txt)") from None
-
-
-def input_shape(spec: DatasetSpec, batch: int = 1) -> Tuple[int, int, int, int]:
-    return (batch, 3, *spec.input_size)
