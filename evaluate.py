@@ -42,6 +42,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="fp32 reproduces the original; fp16 is CUDA only")
+    from schp.backends import add_backend_argument
+    add_backend_argument(p)
     p.add_argument("--float-centers", action="store_true",
                    help="warp the scored maps back with the true crop centres; by default the released "
                         "int32-truncated centres are used so published numbers reproduce")
@@ -125,11 +127,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 device = select_device(args.device, args.gpu)
                 parser, checkpoint = load_human_parser(
                     spec, Path(args.model_restore), device, args.precision, flip=args.flip, scales=scales,
-                    allow_download=Path(args.model_restore).name == spec.checkpoint)
+                    backend=args.backend, allow_download=Path(args.model_restore).name == spec.checkpoint)
             except (CheckpointError, ValueError, RuntimeError) as err:
                 raise SetupError(str(err)) from None
             settings.update(mode="model", checkpoint=str(checkpoint), input_size=list(spec.input_size),
-                            device=str(device), precision=args.precision,
+                            device=str(device), precision=args.precision, backend=parser.backend,
                             tta={"flip": args.flip, "scales": list(scales)},
                             legacy_int_centers=not args.float_centers)
     except SetupError as err:

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=1, help="processes decoding and cropping inputs")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="fp32 reproduces the original; bf16 is faster on CPUs with bf16 units; fp16 CUDA only")
+    from schp.backends import add_backend_argument
+    add_backend_argument(p)
     p.add_argument("--allow-tf32", action="store_true", help="let CUDA use TF32 (faster, changes maps)")
     p.add_argument("--flip", action="store_true",
                    help="test-time augmentation: average with the mirrored image's logits (left/right swapped)")
@@ -279,8 +281,8 @@ def load_parser(args, spec):
     try:
         scales = parse_scales(args.multi_scales)
         return load(spec, args.model_restore, args.device, args.gpu, args.precision, args.allow_tf32,
-                    flip=args.flip, scales=scales)
-    except (CheckpointError, ValueError) as err:  # ValueError: a device or precision this machine lacks
+                    flip=args.flip, scales=scales, backend=args.backend)
+    except (CheckpointError, ValueError) as err:  # ValueError: a device or precision or backend this machine lacks
         raise SetupError(str(err)) from None
 
 
@@ -312,6 +314,7 @@ def write_manifest(path: Path, args, spec, checkpoint, parser, report, started: 
         "dataset": spec.name,
         "device": str(parser.device) if parser else None,
         "precision": args.precision,
+        "backend": parser.backend if parser else None,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "opencv": cv2.__version__, "numpy": np.__version__},
         "totals": {s: report.count(s) for s in ("processed", "skipped", "failed", "not-run")},

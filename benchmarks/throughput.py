@@ -22,6 +22,11 @@ The machine may be shared: every measurement notes the CPU time other processes 
 (/proc/stat minus our own and the CLI's rusage), waits first for the CPU to be idle (--wait-idle), re-runs
 a disturbed CLI configuration (--retries, the least disturbed run is kept) and flags what stayed disturbed.
 
+Backends: the default configurations run the network with each ``--backend`` (torch, onnxruntime,
+openvino) side by side; the one-time ONNX export that the runtime backends make on first use is timed
+separately (a one-image run into the cache) so the configurations measure steady-state inference, and
+"agree vs ref" is each backend's pixel agreement with the torch backend (fp32, batch 1) in the same run.
+
 Steady state per image: the brief's ``(t_last - t_first) / (N - 1)`` ("naive" column) under-counts
 batched runs, whose first output only appears after a whole batch of B forwards; the main column is
 ``(t[N-1] - t[B-1]) / (N - B)`` with the output times sorted, i.e. from the end of the first batch to the
@@ -34,6 +39,7 @@ format) unless --checkpoint is given. Everything goes to a temporary folder remo
 Rerun (from the repository root; takes several minutes on 2 cores with the defaults):
 
     python benchmarks/throughput.py --out results.json
+    python benchmarks/throughput.py --network-only --network-rounds 10   # the backends' network alone
     python benchmarks/throughput.py --images 6 --skip-baseline \\
         --configs "fp32 --batch-size 2" "--precision bf16 --batch-size 2 --num-workers 2"
 
@@ -70,9 +76,13 @@ ORIGINAL = ROOT / "tests" / "original_pipeline.py"
 
 GFLOP = {"pascal": 174.6, "lip": 153.0, "atr": 174.8}  # per image; atr = pascal + its wider classifiers
 NUM_CLASSES = {"pascal": 7, "lip": 20, "atr": 18}
-DEFAULT_CONFIGS = ["fp32 --batch-size 1 --num-workers 1",
-                   "fp32 --batch-size 4 --num-workers 2",
-                   "bf16 --batch-size 4 --num-workers 2"]
+DEFAULT_CONFIGS = ["fp32 --batch-size 1 --num-workers 1 --backend torch",
+                   "fp32 --batch-size 1 --num-workers 1 --backend onnxruntime",
+                   "fp32 --batch-size 1 --num-workers 1 --backend openvino",
+                   "fp32 --batch-size 4 --num-workers 2 --backend torch",
+                   "fp32 --batch-size 4 --num-workers 2 --backend openvino",
+                   "bf16 --batch-size 4 --num-workers 2 --backend torch",
+                   "bf16 --batch-size 1 --num-workers 1 --backend openvino"]
 POLL = 0.02  # s, output-folder polling period
 PSS_EVERY = 0.5  # s, process-tree memory sampling period
 GNU_TIME = "/usr/bin/time"
@@ -281,9 +291,57 @@ def run_baseline(images, checkpoint, dataset, out_dir):
             "model_load_seconds": load, "other_load_cores": load_other}
 
 
+# ----------------------------------------------------------------------------- backends, network only
+def network_by_backend(image_path, checkpoint, dataset, cache_dir, rounds):
+    """Seconds per forward of the network alone (normalised crop -> crop-space logits, batch 1) for each
+    installed backend, the backends interleaved round by round so that load from other processes
+    spreads over all of them; and each backend's label agreement with torch on that crop."""
+    sys.path.insert(0, str(ROOT))
+    from datasets.catalog import DATASETS
+    from datasets.simple_extractor_dataset import prepare_image, read_image
+    from schp.backends import BACKENDS, BackendError
+    from schp.checkpoint import read_state_dict
+    from schp.inference import HumanParser
+
+    os.environ["SCHP_CACHE_DIR"] = str(cache_dir)  # the exports go to this run's cache
+    spec, state = DATASETS[dataset], read_state_dict(checkpoint)
+    crop = torch.from_numpy(prepare_image(0, read_image(image_path), spec.input_size).image[None])
+    parsers, results = {}, {}
+    for backend in BACKENDS:
+        t0 = time.perf_counter()
+        try:
+            parsers[backend] = HumanParser(spec, state, torch.device("cpu"), backend=backend)
+        except BackendError as err:
+            print(f"  {backend}: not measured ({err})", flush=True)
+            continue
+        results[backend] = {"setup_seconds": time.perf_counter() - t0, "times": []}
+    x = parsers["torch"].normalize(crop)
+    logits = {b: p.logits_normalized(x) for b, p in parsers.items()}  # warm-up, and the maps compared
+    snap, start = cpu_snapshot(), time.perf_counter()
+    conv_gflops = []  # the lone 3x3 convolution, timed within the same rounds: the limit under the same load
+    for r in range(rounds):
+        order = list(parsers)[r % len(parsers):] + list(parsers)[:r % len(parsers)]
+        for backend in order:
+            t0 = time.perf_counter()
+            parsers[backend].logits_normalized(x)
+            results[backend]["times"].append(time.perf_counter() - t0)
+        conv_gflops.append(conv_rate(seconds=0.3)["best_gflops"])
+    load = other_load(snap, time.perf_counter() - start)
+    results["conv3x3_fp32_best_gflops_in_rounds"] = max(conv_gflops)
+    reference = logits["torch"]
+    for backend, rec in results.items():
+        if not isinstance(rec, dict):
+            continue
+        rec["median_seconds"] = statistics.median(rec["times"])
+        rec["best_seconds"] = min(rec["times"])
+        rec["agreement_vs_torch"] = float((logits[backend].argmax(1) == reference.argmax(1)).double().mean())
+        rec["logits_max_relative_error"] = float((logits[backend] - reference).abs().max() / reference.abs().max())
+    return results, load
+
+
 # ----------------------------------------------------------------------------- CLI runs
 def parse_config(text):
-    """Config string -> (CLI args, precision, batch size); a leading bare precision means --precision."""
+    """Config string -> (CLI args, precision, batch size, backend); a leading bare precision means --precision."""
     args = shlex.split(text)
     if args and args[0] in ("fp32", "bf16", "fp16"):
         args = ["--precision", args[0]] + args[1:]
@@ -291,8 +349,9 @@ def parse_config(text):
     p.add_argument("--precision", default="fp32")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--backend", default="auto")
     known, _ = p.parse_known_args(args)
-    return args, known.precision, max(1, known.batch_size)
+    return args, known.precision, max(1, known.batch_size), known.backend
 
 
 def _process_tree(root_pid):
@@ -466,6 +525,10 @@ def main():
     ap.add_argument("--retries", type=int, default=2,
                     help="re-run a CLI configuration up to this many times when other processes used the CPU "
                          "during it; the least disturbed run is kept")
+    ap.add_argument("--network-rounds", type=int, default=6,
+                    help="rounds of the interleaved network-only comparison of the backends (0 = skip it)")
+    ap.add_argument("--network-only", action="store_true",
+                    help="stop after the rates and the network-only backend comparison (a quick rerun)")
     ap.add_argument("--keep-temp", action="store_true", help="keep the temporary folder (printed)")
     a = ap.parse_args()
     if a.images < 2:
@@ -529,6 +592,30 @@ def run(a, work):
     print(f"floor = {GFLOP[a.dataset]} GFLOP / {rate['best_gflops']:.1f} GFLOP/s = {floor:.3f} s per image (fp32 matmul); "
           f"conv floor = {conv_floor:.3f} s per image\n", flush=True)
 
+    if a.network_rounds > 0:
+        print(f"network only, 1 crop of {images[0].name}, backends interleaved over {a.network_rounds} rounds "
+              "(exports the ONNX file on first use):", flush=True)
+        wait_idle(a.wait_idle, "the network comparison")
+        network, load = network_by_backend(images[0], checkpoint, a.dataset, work / "cache-network",
+                                           a.network_rounds)
+        results["network_by_backend"] = network | {"other_load_cores": load}
+        rate_in_rounds = network.pop("conv3x3_fp32_best_gflops_in_rounds")
+        floor_in_rounds = GFLOP[a.dataset] / max(rate_in_rounds, rate_conv["best_gflops"])
+        results["network_conv_floor_seconds"] = floor_in_rounds
+        print(f"  lone 3x3 conv timed between the rounds: best {rate_in_rounds:.1f} GFLOP/s; conv floor for "
+              f"this comparison (best rate seen) {floor_in_rounds:.3f} s per image", flush=True)
+        for backend, rec in network.items():
+            print(f"  {backend:12s} median {rec['median_seconds']:.3f} s (best {rec['best_seconds']:.3f}) = "
+                  f"{rec['median_seconds'] / floor_in_rounds:.2f} x conv floor; set-up {rec['setup_seconds']:.1f} s; "
+                  f"labels = torch on {100 * rec['agreement_vs_torch']:.4f}%, logits max rel. error "
+                  f"{rec['logits_max_relative_error']:.1e}", flush=True)
+        print(f"  (other processes used {load:.2f} cores meanwhile)\n", flush=True)
+    if a.network_only:
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
+
     baseline = None
     if not a.skip_baseline:
         print("baseline: tests/original_pipeline.run_original, one image at a time", flush=True)
@@ -552,6 +639,9 @@ def run(a, work):
     logs, cache = work / "logs", work / "cache"
     logs.mkdir()
     configs = [(text, *parse_config(text)) for text in a.configs]
+    for text in a.configs:  # the export cost is measured once below, not inside a configuration
+        if not re.search(r"--backend\b", text):
+            print(f"note: config {text!r} names no --backend: the CLI's default (auto) runs it", flush=True)
     one_dir = work / "one-image"
     one_dir.mkdir()
     shutil.copy2(images[0], one_dir / images[0].name)
@@ -567,12 +657,25 @@ def run(a, work):
                                              "peak_tree_pss_mib", "other_load_cores")}
         print(f"  first output after {rec['first_output_seconds']:.2f} s, exit after {rec['wall_seconds']:.2f} s, "
               f"peak RSS {rec['peak_rss_mib']:.0f} MiB", flush=True)
+    if any(c[4] != "torch" for c in configs):
+        # the ONNX export made on first use of a runtime backend (once per checkpoint), then cached
+        print("export on first use of a runtime backend, 1 image, --backend onnxruntime ...", flush=True)
+        wait_idle(a.wait_idle, "the export")
+        try:
+            rec = run_cli("export-first-use", ["--backend", "onnxruntime"], a.dataset, checkpoint, one_dir,
+                          work / "out-export", cache, logs, 1, 1, a.timeout)
+            startup["export_first_use"] = {k: rec[k] for k in ("wall_seconds", "first_output_seconds",
+                                                              "other_load_cores")}
+            print(f"  first output after {rec['first_output_seconds']:.2f} s (export and verification "
+                  f"included)", flush=True)
+        except BenchError as err:
+            print(f"  FAILED: {err}", file=sys.stderr, flush=True)
     startup["cache_files"] = {p.name: p.stat().st_size for p in cache.iterdir()} if cache.exists() else {}
     results["startup"] = startup
     print()
 
     runs, failures = [], []
-    for i, (text, cli_args, precision, batch) in enumerate(configs):
+    for i, (text, cli_args, precision, batch, backend) in enumerate(configs):
         print(f"config {i + 1}/{len(configs)}: {shlex.join(cli_args)} ...", flush=True)
         try:
             rec, attempts = None, []
@@ -595,7 +698,7 @@ def run(a, work):
             failures.append(text)
             runs.append({"label": text, "args": cli_args, "failed": str(err), "out_dir": None})
             continue
-        rec.update(precision=precision)
+        rec.update(precision=precision, backend=backend)
         rec["x_floor"] = rec["per_image"] / floor
         rec["x_conv_floor"] = rec["per_image"] / conv_floor
         rec["x_baseline"] = rec["per_image"] / baseline["seconds_per_image"] if baseline else None
@@ -605,7 +708,8 @@ def run(a, work):
               flush=True)
 
     ok = [r for r in runs if "failed" not in r]
-    reference = next((r for r in ok if r["precision"] == "fp32" and r["batch_size"] == 1), ok[0] if ok else None)
+    reference = next((r for r in ok if r["precision"] == "fp32" and r["batch_size"] == 1 and r["backend"] == "torch"),
+                     next((r for r in ok if r["precision"] == "fp32" and r["batch_size"] == 1), ok[0] if ok else None))
     for r in ok:
         r["agreement_vs_reference"] = agreement(reference["out_dir"], r["out_dir"], names)
         r["agreement_vs_baseline"] = agreement(work / "out-baseline", r["out_dir"], names) if baseline else None
@@ -622,7 +726,10 @@ def run(a, work):
         print(f"baseline (original pipeline, 1 image at a time): {baseline['seconds_per_image']:.3f} s/img "
               f"= {baseline['seconds_per_image'] / floor:.2f} x floor")
     print(f"start-up to first output (1 image): cold {startup['cold']['first_output_seconds']:.2f} s "
-          f"(includes checkpoint conversion), warm {startup['warm']['first_output_seconds']:.2f} s\n")
+          f"(includes checkpoint conversion), warm {startup['warm']['first_output_seconds']:.2f} s"
+          + (f"; first use of a runtime backend (ONNX export + verification) "
+             f"{startup['export_first_use']['first_output_seconds']:.2f} s" if "export_first_use" in startup else "")
+          + "\n")
     headers = ["config", "wall s", "1st out s", "s/img", "naive s/img", "img/s wall", "img/s steady",
                "x floor", "x conv floor", "x baseline"]
     rows = []
@@ -645,6 +752,7 @@ def run(a, work):
             for r in runs]
     print_table(headers, rows)
     print(f"\ns/img = steady state (t[N-1] - t[B-1]) / (N - B) over sorted output times; naive = (last - first) / (N - 1)."
+          f"\nagree vs ref = share of label pixels equal to those of ref (the torch backend, fp32, batch 1 when run)."
           f"\n1st out = process start to first PNG, warm cache. peak RSS = largest single process "
           f"({ok[0]['peak_rss_source'] if ok else '-'});\ntree PSS = sampled peak of the CLI and its workers "
           f"together, shared pages split. ref = {results['reference_config']}.\n"

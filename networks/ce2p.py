@@ -155,14 +155,47 @@ class Bottleneck(nn.Module):
         return self.relu(out + residual)
 
 
+class BinAverage(nn.Module):
+    """Adaptive average pooling to `size` x `size` bins, computed as two averaging matrices.
+
+    Bin i of a length-L axis covers [floor(i*L/o), ceil((i+1)*L/o)), exactly as AdaptiveAvgPool2d
+    (bins overlap when o does not divide L); y = A_h @ x @ A_w^T with A's rows holding 1/len on the
+    bin. Unlike AdaptiveAvgPool2d this exports to ONNX at every input size (the exporters refuse or
+    approximate non-dividing sizes, e.g. 6 bins of the 32 x 32 map of a 512 x 512 input). The
+    matrices are built from the input's shape on each call: no keys, nothing in the state dict.
+
+    Shapes: N x C x H x W -> N x C x size x size.
+    """
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def matrix(self, length, like: torch.Tensor) -> torch.Tensor:
+        """size x length averaging matrix of one axis (`length` may be a traced/symbolic size)."""
+        bins = torch.arange(self.size, device=like.device)
+        start = torch.div(bins * length, self.size, rounding_mode="floor")
+        stop = torch.div((bins + 1) * length + self.size - 1, self.size, rounding_mode="floor")
+        index = torch.arange(length, device=like.device)
+        inside = (index[None, :] >= start[:, None]) & (index[None, :] < stop[:, None])
+        weights = inside.to(like.dtype)
+        return weights / weights.sum(1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.matrix(x.shape[2], x)
+        cols = self.matrix(x.shape[3], x)
+        return torch.matmul(torch.matmul(rows, x), cols.t())
+
+
 class PSPModule(nn.Module):
     """Pyramid pooling (sizes 1, 2, 3, 6) on x5; N x 2048 x h x w -> N x 512 x h x w."""
 
     def __init__(self, features: int = 2048, out_features: int = 512, sizes=(1, 2, 3, 6)):
         super().__init__()
-        # stages.i = [pool, conv, ABN]: the pool has no keys but keeps conv at .1 and ABN at .2
+        # stages.i = [pool, conv, ABN]: the pool has no keys but keeps conv at .1 and ABN at .2;
+        # BinAverage is AdaptiveAvgPool2d's exact equivalent that also exports at any size
         self.stages = nn.ModuleList([
-            nn.Sequential(nn.AdaptiveAvgPool2d(size),
+            nn.Sequential(BinAverage(size),
                           nn.Conv2d(features, out_features, kernel_size=1, bias=False),
                           InPlaceABN(out_features))
             for size in sizes])

@@ -6,7 +6,6 @@ that cv2.imread would give for the same picture and hand them to HumanParser.par
 own decode-crop-model-warp path. So a map from here equals, bit for bit, the PNG the command line
 writes for the same image with the same options.
 """
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
     HumanParser (flip, scales, backend...). Raises CheckpointError or ValueError with one sentence.
     """
     import torch
-    from schp.inference import HumanParser, load_human_parser, select_device, slow_bf16_warning
+    from schp.inference import load_human_parser, select_device, slow_bf16_warning
 
     try:
         device = device if isinstance(device, torch.device) else select_device(str(device), gpu)
@@ -42,11 +41,6 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
         print(warning, file=sys.stderr)
     given = checkpoint is not None
     path = Path(checkpoint) if given else ROOT / "checkpoints" / spec.checkpoint
-    backend = options.pop("backend", "torch")
-    if "backend" in inspect.signature(HumanParser.__init__).parameters:
-        options["backend"] = backend
-    elif backend != "torch":
-        raise ValueError(f"backend {backend!r} is not available in this version (only 'torch')")
     return load_human_parser(spec, path, device, precision, allow_tf32=allow_tf32,
                              allow_download=not given or path.name == spec.checkpoint, **options)
 

@@ -113,7 +113,7 @@ class HumanParser:
     def __init__(self, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], device: torch.device,
                  precision: str = "fp32", allow_tf32: bool = False,
                  postprocess_on_device: Optional[bool] = None, flip: bool = False,
-                 scales: Sequence[float] = (1.0,)):
+                 scales: Sequence[float] = (1.0,), backend: str = "torch"):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}")
         scales = tuple(float(s) for s in scales)
@@ -136,6 +136,9 @@ class HumanParser:
         model = model.to_empty(device="cpu")
         model.load_state_dict(state_dict, strict=True)
         self.model = fold_abn(model).to(device, memory_format=torch.channels_last).eval()
+        # backend: who runs the network (schp.backends); "torch" = self.model, others an exported file
+        from schp.backends import network_runner
+        self.backend, self.runner = network_runner(backend, device, spec, state_dict, precision)
         self.mean = torch.tensor(MEAN_BGR, dtype=torch.float32, device=device)[:, None, None]
         self.std = torch.tensor(STD_BGR, dtype=torch.float32, device=device)[:, None, None]
 
@@ -172,8 +175,11 @@ class HumanParser:
         for s in self.scales:
             xs = x if s == 1.0 else F.interpolate(x, size=(int(in_h * s), int(in_w * s)), mode="bilinear",
                                                   align_corners=True)
-            with self._autocast():
-                fusion = self.model(xs.contiguous(memory_format=torch.channels_last)).fusion
+            if self.runner is not None:
+                fusion = self.runner(xs)
+            else:
+                with self._autocast():
+                    fusion = self.model(xs.contiguous(memory_format=torch.channels_last)).fusion
             fusion = fusion.float()
             out = fusion[:n]
             if self.flip:

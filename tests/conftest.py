@@ -48,6 +48,13 @@ def checkpoints():
     return get
 
 
+@pytest.fixture(autouse=True)
+def torch_backend_by_default(monkeypatch):
+    """CLI runs use the torch backend unless a test asks for another (--backend or SCHP_BACKEND): the
+    default 'auto' would export the network to ONNX again in every test's fresh cache."""
+    monkeypatch.setenv("SCHP_BACKEND", "torch")
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run simple_extractor.main(argv) in this process; returns (exit code, stdout, stderr)."""

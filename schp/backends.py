@@ -1,0 +1,217 @@
+"""Who runs the network: PyTorch itself, or ONNX Runtime / OpenVINO on a file exported on the fly.
+
+Everything around the network (decoding, crop, normalisation, test-time augmentation, upsampling,
+inverse warp) stays the one pipeline of schp.inference; a runner only replaces the call
+`fusion = network(x)`. The ONNX file is exported once per checkpoint content, dataset and input size
+into the checkpoint cache (dynamic batch and H x W, so the test-time scales need no more exports),
+verified like `export.py` does, and written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Optional
+
+import numpy as np
+
+from datasets.catalog import DatasetSpec
+
+if TYPE_CHECKING:  # torch is imported where it is used: `--help` and `--legend` stay quick
+    import torch
+
+BACKENDS = ("torch", "onnxruntime", "openvino")
+# "auto" picks the first installed one of these on the CPU; measured by benchmarks/throughput.py
+AUTO_ORDER = ("openvino", "onnxruntime", "torch")
+PACKAGES = {"onnxruntime": ("onnxruntime", "onnxscript"), "openvino": ("openvino", "onnxscript")}
+DEFAULT_BACKEND = "auto"
+
+
+class BackendError(ValueError):
+    """A backend that cannot run here (missing package, unsupported device or precision): one sentence."""
+
+
+def add_backend_argument(parser, default: Optional[str] = None) -> None:
+    """The shared `--backend` option of the commands that run the network (default: $SCHP_BACKEND or auto)."""
+    parser.add_argument(
+        "--backend", default=default or os.environ.get("SCHP_BACKEND") or DEFAULT_BACKEND,
+        choices=("auto",) + BACKENDS,
+        help="what runs the network: torch, or onnxruntime / openvino on an ONNX file exported once into "
+             "the checkpoint cache; auto = the fastest installed that keeps the maps (openvino, then "
+             "onnxruntime, then torch) in fp32 on the CPU, else torch; $SCHP_BACKEND sets the default")
+
+
+def missing_packages(backend: str):
+    """The packages `backend` needs that cannot be imported here."""
+    import importlib
+
+    missing = []
+    for package in PACKAGES.get(backend, ()):
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            missing.append(package)
+    return missing
+
+
+def resolve_backend(name: str, device: torch.device, precision: str = "fp32") -> str:
+    """The concrete backend for `name` ('auto' or one of BACKENDS); BackendError if it cannot run here."""
+    if name == "auto":
+        if device.type != "cpu" or precision not in ("fp32",):
+            return "torch"
+        return next(b for b in AUTO_ORDER if b == "torch" or not missing_packages(b))
+    if name not in BACKENDS:
+        raise BackendError(f"--backend {name}: unknown (one of auto, {', '.join(BACKENDS)})")
+    if name == "torch":
+        return name
+    missing = missing_packages(name)
+    if missing:
+        raise BackendError(f"--backend {name} needs the package '{missing[0]}', which is not installed "
+                           "(pip install -r requirements-runtimes.txt)")
+    if device.type != "cpu":
+        raise BackendError(f"--backend {name} runs on the CPU only; use --backend torch on {device}")
+    allowed = ("fp32", "bf16") if name == "openvino" else ("fp32",)
+    if precision not in allowed:
+        raise BackendError(f"--backend {name} supports --precision {' or '.join(allowed)}, not {precision}")
+    return name
+
+
+def state_dict_digest(state_dict: Dict[str, torch.Tensor]) -> str:
+    """Content hash of a checkpoint's tensors (names, shapes, values): the cache key of its exports."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return digest.hexdigest()[:20]
+
+
+def cached_onnx(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_dir: Optional[Path],
+                quiet: bool = False) -> Path:
+    """The verified raw ONNX export (dynamic N, H, W) of this checkpoint, exported on first use."""
+    import torch
+    from schp.checkpoint import default_cache_dir
+    from schp.export import DEFAULT_OPSET, ExportError, export
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if cache_dir is None:
+        raise BackendError("the checkpoint cache is disabled (SCHP_CACHE_DIR is empty)")
+    h, w = spec.input_size
+    path = cache_dir / "exports" / (f"{spec.name}-{h}x{w}-{state_dict_digest(state_dict)}"
+                                    f"-opset{DEFAULT_OPSET}-torch{torch.__version__.split('+')[0]}.onnx")
+    if path.is_file():
+        return path
+    if not quiet:
+        print(f"exporting the {spec.name} network to {path} (once per checkpoint; takes a while)",
+              file=sys.stderr, flush=True)
+    try:
+        export(spec, state_dict, path, "onnx", DEFAULT_OPSET, dynamic_batch=True, dynamic_size=True)
+    except ExportError as err:
+        raise BackendError(str(err)) from None
+    except OSError as err:
+        raise BackendError(f"cannot write the exported network to {path.parent}: {err.strerror or err}") from None
+    return path
+
+
+class OnnxRuntimeRunner:
+    """fusion logits of normalised crops, by ONNX Runtime's CPU provider on the raw ONNX export."""
+
+    def __init__(self, path: Path, threads: Optional[int] = None):
+        import onnxruntime as ort
+        import torch
+        from schp.export import INPUT_NAME
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = INPUT_NAME
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        x = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        return torch.from_numpy(self.session.run(["fusion"], {self.input_name: x})[0])
+
+
+class OpenVinoRunner:
+    """fusion logits by OpenVINO's CPU plugin on the raw ONNX export, compiled once per input shape.
+
+    The precision hint is set explicitly: on CPUs with bf16 units OpenVINO would otherwise compute in
+    bf16 by default, which changes the maps.
+    """
+
+    def __init__(self, path: Path, precision: str = "fp32", threads: Optional[int] = None):
+        import openvino as ov
+        import torch
+
+        self.core = ov.Core()
+        self.model = self.core.read_model(str(path))
+        self.config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                       "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+                       "PERFORMANCE_HINT": "LATENCY"}
+        self.compiled = {}
+
+    def _compiled(self, shape):
+        if shape not in self.compiled:
+            model = self.model.clone()
+            model.reshape({model.inputs[0].any_name: list(shape)})
+            compiled = self.core.compile_model(model, "CPU", self.config)
+            self.compiled[shape] = (compiled.create_infer_request(), compiled.output("fusion"))
+        return self.compiled[shape]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        x = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        request, output = self._compiled(tuple(x.shape))
+        request.infer({0: x})
+        return torch.from_numpy(np.array(request.get_tensor(output).data, copy=True))
+
+
+def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor],
+                   precision: str = "fp32", cache_dir: Optional[Path] = None, quiet: bool = False):
+    """(backend name, runner or None for torch) for `--backend name`.
+
+    An explicit backend that cannot run raises BackendError; 'auto' falls back to torch with a note.
+    """
+    backend = resolve_backend(name, device, precision)
+    if backend == "torch":
+        return backend, None
+    try:
+        return backend, make_runner(backend, spec, state_dict, precision, cache_dir, quiet)
+    except BackendError as err:
+        if name != "auto":
+            raise
+        print(f"note: --backend auto: {backend} unusable ({err}); running the network with torch",
+              file=sys.stderr, flush=True)
+        return "torch", None
+
+
+def make_runner(backend: str, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precision: str = "fp32",
+                cache_dir: Optional[Path] = None, quiet: bool = False):
+    """A callable N x 3 x h x w float32 -> N x C x h/4 x w/4 float32 fusion logits, for a non-torch backend.
+
+    With the cache disabled (SCHP_CACHE_DIR='') the file is exported to a temporary folder, loaded, and
+    removed: every run then pays the export.
+    """
+    import shutil
+    import tempfile
+    from schp.checkpoint import default_cache_dir
+
+    if backend not in ("onnxruntime", "openvino"):
+        raise BackendError(f"no runner for backend {backend!r}")
+    temporary = None
+    if cache_dir is None and default_cache_dir() is None:
+        temporary = cache_dir = Path(tempfile.mkdtemp(prefix="schp-export-"))
+    try:
+        path = cached_onnx(spec, state_dict, cache_dir, quiet)
+        return OnnxRuntimeRunner(path) if backend == "onnxruntime" else OpenVinoRunner(path, precision)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)

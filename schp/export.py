@@ -1,0 +1,233 @@
+"""Export of the folded network to ONNX, TorchScript or a torch.export program, verified after writing.
+
+The `raw` graph is the contract that pipelines re-hosting SCHP already call: one input `input.1`,
+N x 3 x H x W float32 (BGR, normalised), outputs `parsing`, `fusion`, `edge` at 1/4 resolution in the
+released order. The `labels` graph adds the extractor's network-side post-processing (upsampling to
+the input size with align_corners=True, argmax) and returns N x H x W int64 crop-space labels.
+Every file is written to a temporary name, run with its own runtime on a real crop, compared with
+PyTorch, and only then renamed into place.
+"""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datasets.catalog import DatasetSpec
+from networks import build_ce2p, fold_abn
+
+FORMATS = ("onnx", "torchscript", "exported-program")
+OUTPUTS = ("raw", "labels")
+INPUT_NAME = "input.1"  # what the re-hosting pipelines feed
+RAW_OUTPUT_NAMES = ("parsing", "fusion", "edge")
+DEFAULT_OPSET = 18  # the lowest opset torch's ONNX exporter writes natively
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Precisions each format can hold and its runtime can verify (ONNX Runtime has no bf16 convolution).
+FORMAT_PRECISIONS = {"onnx": ("fp32", "fp16"), "torchscript": ("fp32", "bf16", "fp16"),
+                     "exported-program": ("fp32", "bf16", "fp16")}
+# Verification against PyTorch fp32: (max relative error of the fusion logits, least argmax agreement).
+# Reduced precisions are approximate by nature (their maps differ from fp32 by more than 0.01% of the
+# pixels): only their logits error is bounded; the agreement is printed.
+TOLERANCES = {"fp32": (1e-4, 0.9999), "fp16": (5e-2, 0.0), "bf16": (5e-2, 0.0)}
+DEMO_IMAGE = Path(__file__).resolve().parent.parent / "demo" / "demo.jpg"
+
+
+class ExportError(Exception):
+    """An export that cannot be made or did not verify; the message is one sentence for the user."""
+
+
+class ExportGraph(nn.Module):
+    """The folded CE2P with the exported interface: float32 in, float32 logits or int64 labels out.
+
+    `precision` other than fp32 casts the weights and the input inside the graph, and the outputs back
+    to float32, so callers keep the float32 contract.
+    """
+
+    def __init__(self, model: nn.Module, outputs: str = "raw", precision: str = "fp32"):
+        super().__init__()
+        if outputs not in OUTPUTS:
+            raise ValueError(f"unknown outputs {outputs!r}")
+        self.model, self.outputs, self.dtype = model.to(DTYPES[precision]).eval(), outputs, DTYPES[precision]
+
+    def forward(self, x: torch.Tensor):
+        out = self.model(x.to(self.dtype))
+        if self.outputs == "labels":
+            fusion = F.interpolate(out.fusion.float(), size=x.shape[2:], mode="bilinear", align_corners=True)
+            return fusion.argmax(1)
+        return out.parsing.float(), out.fusion.float(), out.edge.float()
+
+
+def folded_network(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
+    """The network of `spec` with `state_dict` loaded and InPlace-ABN folded, fp32, CPU, eval."""
+    with torch.device("meta"):
+        model = build_ce2p(spec.num_classes)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(state_dict, strict=True)
+    return fold_abn(model).eval()
+
+
+def check_options(fmt: str, precision: str, outputs: str, opset: int) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    if outputs not in OUTPUTS:
+        raise ExportError(f"unknown outputs {outputs!r} (one of {', '.join(OUTPUTS)})")
+    if precision not in FORMAT_PRECISIONS[fmt]:
+        raise ExportError(f"--precision {precision} is not available for --format {fmt} "
+                          f"(it supports {', '.join(FORMAT_PRECISIONS[fmt])})")
+    if fmt == "onnx" and opset < DEFAULT_OPSET:
+        raise ExportError(f"--opset {opset}: torch's ONNX exporter writes opset {DEFAULT_OPSET} or newer")
+
+
+def sample_crop(spec: DatasetSpec) -> torch.Tensor:
+    """1 x 3 x in_h x in_w normalised crop of the demo image, as the extractor feeds the network."""
+    from datasets.simple_extractor_dataset import prepare_image, read_image
+    from schp.inference import MEAN_BGR, STD_BGR
+
+    crop = prepare_image(0, read_image(DEMO_IMAGE), spec.input_size).image
+    x = torch.from_numpy(crop).permute(2, 0, 1).float().div(255)[None]
+    return (x - torch.tensor(MEAN_BGR)[:, None, None]) / torch.tensor(STD_BGR)[:, None, None]
+
+
+def _dynamic_shapes(dynamic_batch: bool, dynamic_size: bool):
+    dims = {}
+    if dynamic_batch:
+        dims[0] = torch.export.Dim("N", min=1, max=1024)
+    if dynamic_size:
+        dims[2] = torch.export.Dim("H", min=32, max=4096)
+        dims[3] = torch.export.Dim("W", min=32, max=4096)
+    return ({**dims},) if dims else None
+
+
+def _write(graph: ExportGraph, example: torch.Tensor, fmt: str, path: Path, opset: int, dynamic_batch: bool,
+           dynamic_size: bool) -> None:
+    import warnings
+
+    dynamic = _dynamic_shapes(dynamic_batch, dynamic_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer chatter
+        if fmt == "onnx":
+            names = list(RAW_OUTPUT_NAMES) if graph.outputs == "raw" else ["labels"]
+            try:
+                import onnxscript  # noqa: F401  torch's ONNX exporter is built on it
+            except ImportError:
+                raise ExportError("--format onnx needs the package 'onnxscript' "
+                                  "(pip install -r requirements-runtimes.txt)") from None
+            torch.onnx.export(graph, (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
+                              output_names=names, opset_version=opset, dynamic_shapes=dynamic,
+                              external_data=False, verbose=False, report=False)
+        elif fmt == "torchscript":
+            with torch.no_grad():
+                traced = torch.jit.trace(graph, (example,), check_trace=False)
+            traced.save(str(path))
+        else:
+            with torch.no_grad():
+                program = torch.export.export(graph, (example,), dynamic_shapes=dynamic)
+            torch.export.save(program, str(path))
+
+
+def run_file(path: Path, fmt: str, x: torch.Tensor, threads: Optional[int] = None):
+    """Outputs (a tuple of CPU tensors) of an exported file on `x`, run by the format's own runtime."""
+    if fmt == "onnx":
+        ort = require("onnxruntime")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return tuple(torch.from_numpy(o) for o in session.run(None, {INPUT_NAME: x.numpy()}))
+    with torch.inference_mode():
+        if fmt == "torchscript":
+            out = torch.jit.load(str(path), map_location="cpu")(x)
+        else:
+            out = torch.export.load(str(path)).module()(x)
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+@dataclass
+class Verification:
+    relative_error: float  # max |file - torch| / max |torch| over the fusion logits (nan for labels)
+    agreement: float  # share of crop pixels whose label is the same
+    max_relative_error: float
+    min_agreement: float
+
+    @property
+    def ok(self) -> bool:
+        return self.agreement >= self.min_agreement and not self.relative_error > self.max_relative_error
+
+    def line(self) -> str:
+        rel = "n/a (labels output)" if np.isnan(self.relative_error) else f"{self.relative_error:.2e}"
+        return (f"verification: fusion logits max relative error {rel} (tolerance {self.max_relative_error:g}), "
+                f"argmax agreement {100 * self.agreement:.4f}% " +
+                (f"(tolerance {100 * self.min_agreement:g}%)" if self.min_agreement else "(approximate precision)"))
+
+
+def verify(path: Path, fmt: str, reference: torch.Tensor, x: torch.Tensor, outputs: str,
+           precision: str) -> Verification:
+    """Run the written file with its runtime on `x` and compare with `reference`, PyTorch's fp32 fusion
+    logits of the same crops."""
+    got = run_file(path, fmt, x)
+    expected_labels = F.interpolate(reference, size=x.shape[2:], mode="bilinear", align_corners=True).argmax(1)
+    if outputs == "labels":
+        labels, rel = got[0], float("nan")
+    else:
+        fusion = got[1]
+        if fusion.shape != reference.shape:
+            raise ExportError(f"the exported file returns fusion logits of shape {tuple(fusion.shape)}, "
+                              f"PyTorch {tuple(reference.shape)}")
+        rel = float((fusion - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+        labels = F.interpolate(fusion, size=x.shape[2:], mode="bilinear", align_corners=True).argmax(1)
+    if labels.shape != expected_labels.shape:
+        raise ExportError(f"the exported file returns labels of shape {tuple(labels.shape)}, "
+                          f"expected {tuple(expected_labels.shape)}")
+    agreement = float((labels == expected_labels).double().mean())
+    max_rel, min_agree = TOLERANCES[precision]
+    return Verification(rel, agreement, max_rel, min_agree)
+
+
+def export(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], path: Path, fmt: str = "onnx",
+           opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, dynamic_size: bool = False,
+           precision: str = "fp32", outputs: str = "raw", verify_file: bool = True) -> Optional[Verification]:
+    """Write `path` (atomically) and verify it; raise ExportError (and leave no file) if it does not match.
+
+    The example input is the dataset's input size; with `dynamic_size` the file takes any H x W >= 32.
+    """
+    check_options(fmt, precision, outputs, opset)
+    if fmt == "onnx":
+        require("onnxruntime" if verify_file else "onnx")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    network = folded_network(spec, state_dict)
+    example = sample_crop(spec)
+    if dynamic_batch:  # a batch of 2 so the exporter cannot specialise the batch dimension to 1
+        example = example.repeat(2, 1, 1, 1)
+    if verify_file:
+        with torch.inference_mode():
+            reference = network(example).fusion
+    graph = ExportGraph(network, outputs, precision)  # casts the network to `precision`
+    # same suffix as the final name: torch.export.save insists on .pt2
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        _write(graph, example, fmt, tmp, opset, dynamic_batch, dynamic_size)
+        result = verify(tmp, fmt, reference, example, outputs, precision) if verify_file else None
+        if result is not None and not result.ok:
+            raise ExportError(f"{path}: the exported file does not reproduce PyTorch ({result.line()}); "
+                              "nothing was written")
+        os.replace(tmp, path)
+        return result
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
+            if leftover.exists():
+                leftover.unlink()
+
+
+def require(package: str):
+    """Import an optional runtime package, or raise ExportError naming it."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ExportError(f"the package '{package}' is not installed "
+                          "(pip install -r requirements-runtimes.txt)") from None

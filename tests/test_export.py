@@ -1,0 +1,245 @@
+"""Export and runtimes: the exact PSP pooling, ONNX files run by ONNX Runtime the way re-hosting
+pipelines run them, TorchScript and torch.export reloads, and the --backend switch end to end.
+
+Every network is the real CE2P/ResNet-101 with a synthetic checkpoint in the released container; the
+reference is the torch path (HumanParser), itself checked against the original by test_golden.py.
+Exports are slow, so each dataset is exported once per module (lip at 473 raw, atr at 512 labels, pascal
+at 512 through the backend cache).
+"""
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import export as export_cli
+from datasets.catalog import DATASETS
+from datasets.simple_extractor_dataset import prepare_image
+from networks.ce2p import BinAverage
+from schp.checkpoint import read_state_dict
+from schp.inference import HumanParser, labels_from_logits
+
+CPU = torch.device("cpu")
+
+
+def person_like(seed: int, height: int, width: int) -> np.ndarray:
+    """A BGR picture the project has never seen: a shaded figure of ellipses and limbs on a gradient."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    img = np.stack([(40 + 80 * xx / width), (60 + 60 * yy / height), np.full((height, width), 90.0)], -1)
+    cx = width / 2 + rng.uniform(-0.05, 0.05) * width
+    color = lambda: tuple(int(v) for v in rng.integers(20, 235, 3))  # noqa: E731
+    cv2.ellipse(img, (int(cx), int(0.15 * height)), (int(0.07 * width), int(0.08 * height)), 0, 0, 360, color(), -1)
+    cv2.rectangle(img, (int(cx - 0.13 * width), int(0.25 * height)), (int(cx + 0.13 * width), int(0.6 * height)),
+                  color(), -1)
+    for side in (-1, 1):
+        cv2.line(img, (int(cx + side * 0.13 * width), int(0.27 * height)),
+                 (int(cx + side * 0.3 * width), int(0.55 * height)), color(), max(2, width // 20))
+        cv2.line(img, (int(cx + side * 0.06 * width), int(0.6 * height)),
+                 (int(cx + side * 0.1 * width), int(0.95 * height)), color(), max(2, width // 14))
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def run_export(capsys, *argv):
+    code = export_cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints, tmp_path_factory):
+    """export(dataset, *options) -> (path, stdout) of one module-wide export per set of arguments."""
+    folder = tmp_path_factory.mktemp("exports")
+    made = {}
+
+    def get(dataset, *options):
+        key = (dataset,) + options
+        if key not in made:
+            path = folder / f"{dataset}-{len(made)}.{'pt2' if 'exported-program' in options else 'onnx'}"
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("SCHP_CACHE_DIR", str(folder / "cache"))
+                code = export_cli.main(["--dataset", dataset, "--model-restore", str(checkpoints(dataset)),
+                                        "--output", str(path), *options])
+            assert code == 0
+            made[key] = path
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def parsers(checkpoints):
+    """parsers(dataset) -> the torch-path HumanParser of the synthetic checkpoint (one per module)."""
+    made = {}
+
+    def get(dataset):
+        if dataset not in made:
+            made[dataset] = HumanParser(DATASETS[dataset], read_state_dict(checkpoints(dataset)), CPU)
+        return made[dataset]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------------- PSP pooling
+@pytest.mark.parametrize("height, width", [(60, 60), (64, 64), (32, 32), (30, 30), (119, 97), (7, 11),
+                                           (5, 3), (1, 1)])
+def test_bin_average_equals_adaptive_average_pooling(height, width):
+    x = torch.randn(2, 64, height, width, generator=torch.Generator().manual_seed(height * 1000 + width)) * 3
+    for size in (1, 2, 3, 6):
+        torch.testing.assert_close(BinAverage(size)(x), torch.nn.AdaptiveAvgPool2d(size)(x), rtol=0, atol=1e-6)
+
+
+def test_bin_average_uses_overlapping_bins_where_the_size_does_not_divide():
+    x = torch.arange(5.0).reshape(1, 1, 1, 5).expand(1, 1, 3, 5)
+    # 3 bins over 5: [0, 2), [1, 4), [3, 5) -> means 0.5, 2, 3.5
+    assert BinAverage(3)(x)[0, 0, 0].tolist() == [0.5, 2.0, 3.5]
+
+
+# ------------------------------------------------------------------------------------------- ONNX, raw
+def test_raw_onnx_runs_as_try_on_pipelines_call_it(exported, parsers):
+    """LIP at 473: session.run(None, {'input.1': x}), output[1] upsampled with align_corners=True,
+    inverse-warped and argmaxed gives the extractor's maps and logits."""
+    import onnxruntime
+
+    path = exported("lip", "--dynamic-batch")
+    parser, spec = parsers("lip"), DATASETS["lip"]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input.1"]
+    assert session.get_inputs()[0].type == "tensor(float)"
+    assert session.get_inputs()[0].shape[1:] == [3, 473, 473]
+    assert [o.name for o in session.get_outputs()] == ["parsing", "fusion", "edge"]
+
+    images = [person_like(1, 300, 180), person_like(2, 200, 260)]
+    items = [prepare_image(i, img, spec.input_size) for i, img in enumerate(images)]
+    crops = torch.from_numpy(np.stack([it.image for it in items]))
+    x = parser.normalize(crops).numpy().astype(np.float32)
+    output = session.run(None, {"input.1": x})
+    assert [o.shape for o in output] == [(2, 20, 119, 119), (2, 20, 119, 119), (2, 2, 119, 119)]
+    upsampled = F.interpolate(torch.from_numpy(output[1]), size=spec.input_size, mode="bilinear",
+                              align_corners=True)
+    reference = parser.logits(crops)
+    rel = float((upsampled - reference).abs().max() / reference.abs().max())
+    assert rel < 1e-4
+    assert float((upsampled.argmax(1) == reference.argmax(1)).double().mean()) >= 0.9999
+    expected = parser.parse(images)
+    for k, item in enumerate(items):
+        logits = upsampled[k].permute(1, 2, 0).numpy()
+        got = labels_from_logits(logits, item.center, item.scale, item.width, item.height, spec.input_size)
+        assert got.shape == expected[k].shape
+        assert (got == expected[k]).mean() >= 0.9999
+
+
+def test_export_cli_prints_the_verification_and_refuses_what_a_format_cannot_hold(checkpoints, tmp_path, capsys):
+    code, _, err = run_export(capsys, "--dataset", "lip", "--model-restore", checkpoints("lip"),
+                              "--output", tmp_path / "x.onnx", "--precision", "bf16")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "error: --precision bf16 is not available for --format onnx (it supports fp32, fp16)"]
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+# ------------------------------------------------------------------------------------------- ONNX, labels
+def test_labels_output_is_the_extractors_crop_space_argmax(exported, parsers):
+    """ATR at 512, argmax in the graph: N x H x W int64 equal to argmax of HumanParser.logits."""
+    import onnxruntime
+
+    path = exported("atr", "--outputs", "labels", "--dynamic-batch")
+    parser, spec = parsers("atr"), DATASETS["atr"]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["labels"]
+    crop = prepare_image(0, person_like(3, 240, 200), spec.input_size).image
+    crops = torch.from_numpy(crop[None])
+    (labels,) = session.run(None, {"input.1": parser.normalize(crops).numpy()})
+    assert labels.dtype == np.int64 and labels.shape == (1, 512, 512)
+    expected = parser.logits(crops).argmax(1).numpy()
+    assert (labels == expected).mean() >= 0.9999
+
+
+# ------------------------------------------------------------------------------------------- torch formats
+@pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
+def test_torch_formats_reload_and_agree(fmt, exported, parsers, capsys):
+    path = exported("lip", "--format", fmt)
+    assert "argmax agreement" in capsys.readouterr().out
+    parser, spec = parsers("lip"), DATASETS["lip"]
+    crops = torch.from_numpy(prepare_image(0, person_like(4, 120, 90), spec.input_size).image[None])
+    x = parser.normalize(crops)
+    with torch.inference_mode():
+        module = torch.jit.load(str(path)) if fmt == "torchscript" else torch.export.load(str(path)).module()
+        parsing, fusion, edge = module(x)
+    assert parsing.shape == fusion.shape == (1, 20, 119, 119) and edge.shape == (1, 2, 119, 119)
+    upsampled = F.interpolate(fusion, size=spec.input_size, mode="bilinear", align_corners=True)
+    reference = parser.logits(crops)
+    assert float((upsampled - reference).abs().max() / reference.abs().max()) < 1e-4
+
+
+def test_a_file_that_does_not_verify_is_removed_with_exit_1(checkpoints, tmp_path, capsys, monkeypatch):
+    import schp.export
+
+    monkeypatch.setitem(schp.export.TOLERANCES, "fp32", (-1.0, 1.0))  # nothing can pass this
+    out = tmp_path / "bad.ts"
+    code, _, err = run_export(capsys, "--dataset", "pascal", "--model-restore", checkpoints("pascal"),
+                              "--output", out, "--format", "torchscript")
+    assert code == 1
+    assert "does not reproduce PyTorch" in err and "nothing was written" in err
+    assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == []  # neither file nor temporary
+
+
+# ------------------------------------------------------------------------------------------- backends
+def test_backend_switch_end_to_end_on_a_folder(checkpoints, run_cli, tmp_path, capsys):
+    """pascal at 512: the same folder through torch, onnxruntime (exports once into the cache) and
+    openvino (reuses that file); maps agree; test-time augmentation runs through the dynamic-size file."""
+    images = tmp_path / "in"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), person_like(5, 220, 160))
+    cv2.imwrite(str(images / "b.jpg"), person_like(6, 150, 210))
+    maps = {}
+    for backend in ("torch", "onnxruntime", "openvino"):
+        out = tmp_path / backend
+        code, _, err = run_cli("--dataset", "pascal", "--model-restore", checkpoints("pascal"), "--input-dir",
+                               images, "--output-dir", out, "--backend", backend, "--batch-size", "2",
+                               "--summary", tmp_path / f"{backend}.json")
+        assert code == 0, err
+        assert ("exporting the pascal network" in err) == (backend == "onnxruntime")
+        maps[backend] = [np.array(Image.open(out / f"{n}.png")) for n in ("a", "b")]
+        assert f'"backend": "{backend}"' in (tmp_path / f"{backend}.json").read_text()
+    assert len(list((tmp_path / "cache" / "exports").glob("pascal-512x512-*.onnx"))) == 1
+    for backend in ("onnxruntime", "openvino"):
+        for got, expected in zip(maps[backend], maps["torch"]):
+            assert (got == expected).mean() >= 0.9999, backend
+
+    spec, state = DATASETS["pascal"], read_state_dict(checkpoints("pascal"))
+    crops = torch.from_numpy(prepare_image(0, person_like(7, 100, 100), spec.input_size).image[None])
+    tta = dict(flip=True, scales=(0.75, 1.0))
+    reference = HumanParser(spec, state, CPU, **tta).logits(crops)
+    got = HumanParser(spec, state, CPU, backend="openvino", **tta).logits(crops)
+    assert float((got - reference).abs().max() / reference.abs().max()) < 1e-4
+    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 1  # no export per scale
+
+
+def test_a_missing_runtime_is_a_one_line_setup_error(checkpoints, run_cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` fail
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "a.png"), person_like(8, 40, 30))
+    code, _, err = run_cli("--dataset", "pascal", "--model-restore", checkpoints("pascal"),
+                           "--input-dir", tmp_path / "in", "--output-dir", tmp_path / "out", "--backend", "openvino")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "error: --backend openvino needs the package 'openvino', which is not installed "
+        "(pip install -r requirements-runtimes.txt)"]
+    assert not (tmp_path / "out" / "a.png").exists()
+
+
+def test_auto_backend_is_the_fastest_installed_on_the_cpu_and_torch_elsewhere(monkeypatch):
+    from schp.backends import resolve_backend
+
+    assert resolve_backend("auto", CPU) == "openvino"
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    assert resolve_backend("auto", CPU, "bf16") == "torch"
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert resolve_backend("auto", CPU) == "onnxruntime"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert resolve_backend("auto", CPU) == "torch"
