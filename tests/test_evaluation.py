@@ -219,7 +219,7 @@ def stub_parser(dataset, flip, scales, input_size=(40, 36)):
     parser = HumanParser.__new__(HumanParser)
     parser.spec = replace(DATASETS[dataset], input_size=input_size)
     parser.flip, parser.scales, parser.precision, parser.device = flip, tuple(scales), "fp32", CPU
-    parser.model = FixedLogits(parser.spec.num_classes)
+    parser.model, parser.runner = FixedLogits(parser.spec.num_classes), None  # None: the torch model runs
     return parser
 
 

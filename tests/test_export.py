@@ -189,9 +189,10 @@ def test_a_file_that_does_not_verify_is_removed_with_exit_1(checkpoints, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------- backends
-def test_backend_switch_end_to_end_on_a_folder(checkpoints, run_cli, tmp_path, capsys):
+def test_backend_switch_end_to_end_on_a_folder(checkpoints, run_cli, tmp_path, capsys, monkeypatch):
     """pascal at 512: the same folder through torch, onnxruntime (exports once into the cache) and
     openvino (reuses that file); maps agree; test-time augmentation runs through the dynamic-size file."""
+    monkeypatch.setenv("SCHP_CACHE_DIR", str(tmp_path / "cache"))  # a cache of its own: count its exports
     images = tmp_path / "in"
     images.mkdir()
     cv2.imwrite(str(images / "a.png"), person_like(5, 220, 160))
