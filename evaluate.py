@@ -14,11 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class SetupError(Exception):
-    """A problem found before any work: bad arguments, missing id file, unusable checkpoint."""
+from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -13,11 +13,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
-EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class SetupError(Exception):
-    """A problem found before any work: bad arguments, missing folders, unusable checkpoint or source."""
+from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -18,13 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
+from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError
+
 DEFAULT_MAX_PIXELS = 200_000_000  # = datasets.simple_extractor_dataset.DEFAULT_MAX_PIXELS (not imported: heavy)
 NOT_IMAGE_LINES = 5  # without --quiet, non-image files named one a line up to this many, then counted
-
-
-class SetupError(Exception):
-    """A problem found before any work: bad arguments, missing folders, unusable checkpoint."""
 
 
 DEVICES = "auto, cpu, cuda or cuda:N"

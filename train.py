@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
-EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
+from schp.cli import EXIT_INTERRUPTED, EXIT_SETUP
 
 
 class UsageError(Exception):

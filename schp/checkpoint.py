@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from datasets.catalog import DATASETS, DatasetSpec, dataset_for_num_classes
+from datasets.catalog import DatasetSpec, dataset_for_num_classes
 
 PREFIX = "module."  # the released files were saved from nn.DataParallel
 CLASSIFIER_KEY = "fushion.3.weight"

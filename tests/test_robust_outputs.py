@@ -2,10 +2,8 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
 import corpus

@@ -1,6 +1,5 @@
 """Training pieces against direct formulas: loss terms, edge targets, schedule, augmentation, InPlace-ABN
 in training mode, SCHP aggregation and batch-norm re-estimation. No ResNet here: these run in seconds."""
-import math
 import random
 
 import cv2
