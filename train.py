@@ -8,6 +8,7 @@ The released command lines keep working. Exit codes: 0 done, 1 bad training data
 loss, 2 usage or set-up error, 130 interrupted (continue with --resume).
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -75,7 +76,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--split", default="train", help="split to train on (augmented if train/trainval)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: each "
                    "process takes cuda:LOCAL_RANK)")
-    p.add_argument("--num-workers", type=int, default=4, help="data loading processes per training process")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data loading processes per training process (default: 4, or fewer on a machine with fewer cores)")
     p.add_argument("--seed", type=int, default=None, help="fixed seed (default: a random one, recorded)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
     p.add_argument("--init-from", default=None, metavar="CKPT",
