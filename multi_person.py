@@ -58,6 +58,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--gpu", default=None, help="CUDA device index as in the original; 'None' means CPU")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="fp32 reproduces the original")
+    from schp.backends import add_backend_argument
+    add_backend_argument(p)
     p.add_argument("--batch-size", type=int, default=1, help="person crops per forward pass")
     p.add_argument("--num-workers", type=int, default=1, help="threads decoding images and reading instances")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
@@ -135,7 +137,8 @@ def load_parsers(args, device):
         path = Path(given) if given else HERE / "checkpoints" / spec.checkpoint
         try:
             parser, path = load_parser(spec, path, allow_download=not given or path.name == spec.checkpoint,
-                                       device=device, precision=args.precision, flip=args.flip, scales=scales)
+                                       device=device, precision=args.precision, flip=args.flip, scales=scales,
+                                       backend=args.backend)
         except (CheckpointError, ValueError) as err:
             raise SetupError(f"--{role}-restore: {err}") from None
         parsers.append(parser)
@@ -153,7 +156,7 @@ def write_manifest(path: Path, args, source, checkpoints, device, report) -> Non
         "instances": source.describe() if source is not None else " ".join(args.instances),
         "checkpoints": {"global": str(checkpoints[0]), "local": str(checkpoints[1])} if checkpoints else None,
         "device": str(device) if device is not None else None,
-        "precision": args.precision, "flip": args.flip, "multi_scales": args.multi_scales,
+        "precision": args.precision, "backend": args.backend, "flip": args.flip, "multi_scales": args.multi_scales,
         "input_size": args.input_size, "jpeg_roundtrip": not args.no_jpeg_roundtrip,
         "legacy_person_count": args.legacy_person_count,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},

@@ -517,3 +517,26 @@ def test_flip_and_scales_reach_both_parsers(tmp_path, cihp):
     with pytest.raises(multi_person.SetupError, match="--multi-scales"):
         multi_person.load_parsers(multi_person.parse_args(["--input-dir", "x", "--output-dir", "y",
                                                            "--multi-scales", "a"]), torch.device("cpu"))
+
+
+def test_backend_runs_both_networks_with_the_same_maps(tmp_path, capsys, cihp, small_group):
+    """--backend reaches the global and the local parser: OpenVINO on exported files gives torch's maps."""
+    image_path, ids = small_group
+    in_dir, mask_dir = tmp_path / "in", tmp_path / "masks"
+    in_dir.mkdir(), mask_dir.mkdir()
+    shutil.copy(image_path, in_dir / "group.png")
+    Image.fromarray(ids.astype(np.uint8)).save(mask_dir / "group.png")
+    maps = {}
+    for backend in ("torch", "openvino"):
+        out = tmp_path / backend
+        code, err = run(capsys, "--input-dir", in_dir, "--output-dir", out, "--instances", "masks", mask_dir,
+                        "--global-restore", cihp[0], "--local-restore", cihp[1], "--input-size", f"{SIZE},{SIZE}",
+                        "--device", "cpu", "--backend", backend, "--summary", tmp_path / f"{backend}.json")
+        assert code == 0, err
+        assert ("exporting the cihp-global network" in err) == (backend == "openvino")
+        assert json.loads((tmp_path / f"{backend}.json").read_text())["backend"] == backend
+        maps[backend] = [np.array(Image.open(out / folder / "group.png"))
+                         for folder in ("global_parsing", "instance_parsing", "global_tag")]
+    assert maps["torch"][0].any() and maps["torch"][1].any()
+    for got, expected in zip(maps["openvino"], maps["torch"]):
+        assert (got == expected).mean() >= 0.9999

@@ -40,10 +40,10 @@ def image_logits(parser: HumanParser, images: Sequence[np.ndarray], batch_size: 
 
 
 def load_parser(spec, path, allow_download: bool, device, precision: str = "fp32", flip: bool = False,
-                scales: Sequence[float] = (1.0,)) -> Tuple[HumanParser, Path]:
+                scales: Sequence[float] = (1.0,), backend: str = "torch") -> Tuple[HumanParser, Path]:
     """A HumanParser for one of the CIHP checkpoints (either container; downloaded when it is missing and
     named as released). Raises CheckpointError or ValueError with a one-line reason."""
     from schp.inference import load_human_parser
 
     return load_human_parser(spec, Path(path), device, precision, allow_download=allow_download, flip=flip,
-                             scales=scales)
+                             scales=scales, backend=backend)
