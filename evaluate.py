@@ -12,9 +12,9 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
-from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError
+from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError, parse_input_size
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -59,16 +59,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_input_size(text: str) -> Tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise SetupError(f"--input-size {text}: expected H,W, e.g. 473,473") from None
-    if h < 16 or w < 16:
-        raise SetupError(f"--input-size {text}: both sides must be at least 16")
-    return h, w
-
-
 def choose_spec(args):
     from datasets.catalog import DATASETS, dataset_for_num_classes
 
@@ -85,7 +75,7 @@ def choose_spec(args):
         print(f"warning: --ignore-label {args.ignore_label} is not used: 255 is the ignore label "
               "(as in the original, which parsed the option and hard-coded 255)", file=sys.stderr)
     if args.input_size:
-        spec = replace(spec, input_size=parse_input_size(args.input_size))
+        spec = replace(spec, input_size=parse_input_size(args.input_size, 16))
     return spec
 
 

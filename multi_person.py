@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
-from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError
+from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError, parse_input_size
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -68,16 +68,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_floats(text: str, what: str, count: Optional[int] = None) -> List[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SetupError(f"{what} {text}: expected comma-separated numbers") from None
-    if not values or (count is not None and len(values) != count):
-        raise SetupError(f"{what} {text}: expected {count or 'some'} comma-separated numbers")
-    return values
-
-
 def make_source(args, names: List[str], device):
     from schp.multi_person.instances import (Detectron2FileSource, MaskFolderSource, SourceError,
                                              TorchvisionSource)
@@ -127,10 +117,13 @@ def load_parsers(args, device):
     from schp.checkpoint import CheckpointError
     from schp.multi_person.parsing import load_parser
 
-    size = tuple(int(v) for v in parse_floats(args.input_size, "--input-size", 2))
-    if min(size) < 32:
-        raise SetupError(f"--input-size {args.input_size}: at least 32,32")
-    scales = parse_floats(args.multi_scales, "--multi-scales")
+    from schp.inference import parse_scales
+
+    size = parse_input_size(args.input_size, 32)
+    try:
+        scales = parse_scales(args.multi_scales)
+    except ValueError as err:
+        raise SetupError(str(err)) from None
     parsers, paths = [], []
     for role, given in (("global", args.global_restore), ("local", args.local_restore)):
         spec = dataclasses.replace(MULTI_PERSON[role], input_size=size)

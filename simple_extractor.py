@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError
+from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError, raise_keyboard_interrupt
 
 DEFAULT_MAX_PIXELS = 200_000_000  # = datasets.simple_extractor_dataset.DEFAULT_MAX_PIXELS (not imported: heavy)
 NOT_IMAGE_LINES = 5  # without --quiet, non-image files named one a line up to this many, then counted
@@ -349,9 +349,6 @@ def start_ranks(ranks, args, parser) -> None:
         raise SetupError(f"torchrun: cannot join the other processes: {str(err).splitlines()[0]}") from None
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
 
 def _in_main_thread() -> bool:
     import threading
@@ -366,7 +363,7 @@ def _not_ignored(signals) -> List[int]:
 @contextmanager
 def stop_signals_as_interrupt():
     """SIGTERM and SIGHUP behave as Ctrl-C (KeyboardInterrupt) from the first second on; restored on leaving."""
-    previous = {s: signal.signal(s, _raise_keyboard_interrupt) for s in _not_ignored((signal.SIGTERM, signal.SIGHUP))}
+    previous = {s: signal.signal(s, raise_keyboard_interrupt) for s in _not_ignored((signal.SIGTERM, signal.SIGHUP))}
     try:
         yield
     finally:

@@ -14,11 +14,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
-from schp.cli import EXIT_INTERRUPTED, EXIT_SETUP
+from schp.cli import EXIT_INTERRUPTED, EXIT_SETUP, SetupError, parse_input_size
 
-
-class UsageError(Exception):
-    pass
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -77,7 +74,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: each "
                    "process takes cuda:LOCAL_RANK)")
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="data loading processes per training process (default: 4, or fewer on a machine with fewer cores)")
+                   help="data loading processes per training process (4, or fewer on a machine with fewer cores)")
     p.add_argument("--seed", type=int, default=None, help="fixed seed (default: a random one, recorded)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
     p.add_argument("--init-from", default=None, metavar="CKPT",
@@ -97,16 +94,9 @@ def build_config(args):
     from datasets.catalog import DATASETS, custom_spec, parse_flip_pairs
     from schp.training.trainer import TrainConfig
 
-    try:
-        input_size = None
-        if args.input_size:
-            input_size = tuple(int(v) for v in args.input_size.split(","))
-            if len(input_size) != 2 or min(input_size) < 32:
-                raise ValueError
-    except ValueError:
-        raise UsageError(f"--input-size {args.input_size}: expected H,W (each >= 32), e.g. 473,473") from None
+    input_size = parse_input_size(args.input_size, 32) if args.input_size else None
     if args.ignore_label != 255:
-        raise UsageError("--ignore-label: only 255 is supported (labels are 8-bit, 255 = ignore)")
+        raise SetupError("--ignore-label: only 255 is supported (labels are 8-bit, 255 = ignore)")
     if args.dataset is None:  # a released command line: only --num-classes says which set
         count = 20 if args.num_classes is None else args.num_classes
         args.dataset = next((d.name for d in DATASETS.values() if d.num_classes == count), "custom")
@@ -115,13 +105,13 @@ def build_config(args):
         pairs = parse_flip_pairs(args.flip_pairs) if args.flip_pairs is not None else None
         if args.dataset == "custom":
             if args.num_classes is None:
-                raise UsageError("--dataset custom needs --num-classes")
+                raise SetupError("--dataset custom needs --num-classes")
             labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
             spec = custom_spec(args.num_classes, labels, input_size or (473, 473), pairs or ())
         else:
             base = DATASETS[args.dataset]
             if args.num_classes is not None and args.num_classes != base.num_classes:
-                raise UsageError(f"--num-classes {args.num_classes}: {args.dataset} has "
+                raise SetupError(f"--num-classes {args.num_classes}: {args.dataset} has "
                                  f"{base.num_classes} classes (use --dataset custom for another set)")
             spec = custom_spec(base.num_classes, base.labels, input_size or base.input_size,
                                base.flip_pairs if pairs is None else pairs)
@@ -129,13 +119,13 @@ def build_config(args):
             spec = replace(spec, name=base.name, checkpoint=base.checkpoint, drive_id=base.drive_id,
                            miou=base.miou)
     except ValueError as err:
-        raise UsageError(str(err)) from None
+        raise SetupError(str(err)) from None
     flip_pairs = LEGACY_LIP_PAIRS if args.legacy_lip_pairs else spec.flip_pairs
     for name in ("batch_size", "epochs", "eval_epochs", "cycle_epochs"):
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+            raise SetupError(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup_epochs < 0 or args.schp_start < 0 or args.num_workers < 0:
-        raise UsageError("--warmup-epochs, --schp-start and --num-workers must be >= 0")
+        raise SetupError("--warmup-epochs, --schp-start and --num-workers must be >= 0")
     pretrain = None if str(args.imagenet_pretrain).lower() in ("none", "") else Path(args.imagenet_pretrain)
     resume = None
     if args.resume is not None:
@@ -160,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         config = build_config(args)
-    except UsageError as err:
+    except SetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_SETUP
     if args.gpu and "," in str(args.gpu):

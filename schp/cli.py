@@ -8,3 +8,19 @@ EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 class SetupError(Exception):
     """A problem found before any work (bad arguments, missing folders, unusable checkpoint): one sentence."""
+
+
+def parse_input_size(text: str, minimum: int):
+    """`--input-size H,W` -> (H, W), each side at least `minimum`; SetupError naming the option otherwise."""
+    try:
+        h, w = (int(v) for v in str(text).split(","))
+    except ValueError:
+        h = w = None
+    if h is None or min(h, w) < minimum:
+        raise SetupError(f"--input-size {text}: expected H,W (each >= {minimum}), e.g. 473,473")
+    return h, w
+
+
+def raise_keyboard_interrupt(signum, frame):
+    """Signal handler: a stop signal (SIGTERM, SIGHUP) behaves as Ctrl-C."""
+    raise KeyboardInterrupt

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from datasets.simple_extractor_dataset import (DEFAULT_MAX_PIXELS, ImageError, Prepared, SimpleFolderDataset,
                                                collate_prepared, describe_exception, read_image)
+from schp.cli import raise_keyboard_interrupt
 from schp.inference import HumanParser, labels_from_logits
 from utils.outputs import (integratedpifu_codes, npy_memmap, remove_stale_temporaries, save_label_png,
                            save_npy, save_overlay)
@@ -182,11 +183,8 @@ def _stop_workers(batches) -> bool:
     return bool(received)
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
-
-def _describe_error(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
     if isinstance(err, OSError):
         where = f" {err.filename}" if err.filename else ""
         return f"cannot write{where}: {err.strerror or err}"
@@ -261,7 +259,7 @@ class Runner:
 
         for i, task in refused:
             fail(i, task, task.refusal)
-        previous_handlers = {s: signal.signal(s, _raise_keyboard_interrupt)
+        previous_handlers = {s: signal.signal(s, raise_keyboard_interrupt)
                              for s in _handled((signal.SIGTERM, signal.SIGHUP))}
         pool = ThreadPoolExecutor(max_workers=self.write_threads, thread_name_prefix="schp-write")
         pending: Deque[Tuple[int, Task, Prepared, float, Future]] = deque()
@@ -285,9 +283,9 @@ class Runner:
                     outcomes[i] = Outcome(task, "processed", None, item.width, item.height, seconds)
                     bar.update(1)
                     continue
-                fail(i, task, _describe_error(err), item)
+                fail(i, task, describe_error(err), item)
                 if isinstance(err, OSError) and err.errno in FATAL_WRITE_ERRNOS and not report.stopped_reason:
-                    report.stopped_reason = _describe_error(err)
+                    report.stopped_reason = describe_error(err)
 
         batches = None
         try:

@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from schp.runner import FATAL_WRITE_ERRNOS, Outcome, RunReport, _describe_error
+from schp.cli import raise_keyboard_interrupt
+from schp.runner import FATAL_WRITE_ERRNOS, Outcome, RunReport, describe_error
 from utils.outputs import atomic_path, blend_overlay, colorize_bgr, remove_stale_temporaries, save_label_png, save_npy
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
@@ -201,7 +202,7 @@ class VideoRun:
         """Outcomes of `tasks` in order; a Ctrl-C or SIGTERM marks `report` interrupted and leaves the
         rest not run (frames finished so far stay, for the resume)."""
         outcomes = []
-        previous_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        previous_term = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
         try:
             for task in tasks:
                 if report.interrupted or report.stopped_reason:
@@ -219,7 +220,7 @@ class VideoRun:
                     self.say("interrupted: frames finished so far are kept; run again to resume")
                     outcomes.append(Outcome(task, "not-run"))
                 except (VideoError, OSError, RuntimeError, MemoryError) as err:
-                    reason = str(err) if isinstance(err, VideoError) else _describe_error(err)
+                    reason = str(err) if isinstance(err, VideoError) else describe_error(err)
                     if isinstance(err, RuntimeError):
                         reason = f"inference failed: {str(err).splitlines()[0] if str(err) else 'RuntimeError'}"
                     outcomes.append(self._failed(task, reason))
@@ -233,9 +234,6 @@ class VideoRun:
         self.say(f"error: {task.source}: {reason}")
         return Outcome(task, "failed", reason)
 
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def run_inputs(runner, tasks: Sequence, overwrite: bool) -> RunReport:

@@ -23,7 +23,8 @@ from schp.multi_person.instances import InstanceError
 from schp.multi_person.nms import EXPAND_RATIO, OVERLAP_THRESHOLD, SCORE_THRESHOLD, MAX_PERSONS, select_people
 from schp.multi_person.outputs import instances_record, save_outputs
 from schp.multi_person.parsing import crop_images, image_logits
-from schp.runner import _describe_error, _raise_keyboard_interrupt
+from schp.cli import raise_keyboard_interrupt
+from schp.runner import describe_error
 from utils.outputs import remove_stale_temporaries
 
 
@@ -143,7 +144,7 @@ class MultiPersonRunner:
             self.say(f"error: {tasks[i].source}: {reason}")
             bar.update(1)
 
-        previous_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        previous_term = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
         readers = ThreadPoolExecutor(max_workers=max(1, self.settings.num_workers), thread_name_prefix="mp-read")
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp-write")
         ahead: Deque[Tuple[int, Future]] = deque()
@@ -164,7 +165,7 @@ class MultiPersonRunner:
                     outcomes[i] = Outcome(tasks[i], "processed", None, persons, parts, time.perf_counter() - t0)
                     bar.update(1)
                 else:
-                    fail(i, _describe_error(err))
+                    fail(i, describe_error(err))
 
         try:
             refill()
@@ -185,7 +186,7 @@ class MultiPersonRunner:
                     fail(i, f"inference failed: {reason}")
                     continue
                 except Exception as err:  # anything else about this image: reported, the run goes on
-                    fail(i, _describe_error(err))
+                    fail(i, describe_error(err))
                     continue
                 pending.append((i, t0, writer.submit(self.finish, tasks[i], image, *work)))
                 collect(block_beyond=1)
