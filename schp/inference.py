@@ -131,14 +131,17 @@ class HumanParser:
             # TF32 changes the maps; keep full fp32 unless asked
             torch.backends.cuda.matmul.allow_tf32 = allow_tf32
             torch.backends.cudnn.allow_tf32 = allow_tf32
-        with torch.device("meta"):  # skip the random init of 66.8 M values (0.27 s): all are loaded
-            model = build_ce2p(spec.num_classes)
-        model = model.to_empty(device="cpu")
-        model.load_state_dict(state_dict, strict=True)
-        self.model = fold_abn(model).to(device, memory_format=torch.channels_last).eval()
-        # backend: who runs the network (schp.backends); "torch" = self.model, others an exported file
+        # backend: who runs the network (schp.backends); "torch" = self.model, others an exported file,
+        # in which case no torch copy of the network is kept (it would only hold memory)
         from schp.backends import network_runner
         self.backend, self.runner = network_runner(backend, device, spec, state_dict, precision)
+        self.model = None
+        if self.runner is None:
+            with torch.device("meta"):  # skip the random init of 66.8 M values (0.27 s): all are loaded
+                model = build_ce2p(spec.num_classes)
+            model = model.to_empty(device="cpu")
+            model.load_state_dict(state_dict, strict=True)
+            self.model = fold_abn(model).to(device, memory_format=torch.channels_last).eval()
         self.mean = torch.tensor(MEAN_BGR, dtype=torch.float32, device=device)[:, None, None]
         self.std = torch.tensor(STD_BGR, dtype=torch.float32, device=device)[:, None, None]
 
