@@ -22,6 +22,10 @@ if TYPE_CHECKING:  # torch is imported where it is used: `--help` and `--legend`
     import torch
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
+# Part of the cached export's name: raised whenever the network's graph changes (same maps, other
+# operations), so that a cache filled by an older version is exported anew instead of reused.
+# 2: convolutions over upsampled maps computed at the maps' own size (networks.ce2p).
+GRAPH_REVISION = 2
 # "auto" picks the first installed one of these on the CPU; measured by benchmarks/throughput.py
 AUTO_ORDER = ("openvino", "onnxruntime", "torch")
 PACKAGES = {"onnxruntime": ("onnxruntime", "onnxscript"), "openvino": ("openvino", "onnxscript")}
@@ -100,7 +104,7 @@ def cached_onnx(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_di
     if cache_dir is None:
         raise BackendError("the checkpoint cache is disabled (SCHP_CACHE_DIR is empty)")
     h, w = spec.input_size
-    path = cache_dir / "exports" / (f"{spec.name}-{h}x{w}-{state_dict_digest(state_dict)}"
+    path = cache_dir / "exports" / (f"{spec.name}-{h}x{w}-{state_dict_digest(state_dict)}-g{GRAPH_REVISION}"
                                     f"-opset{DEFAULT_OPSET}-torch{torch.__version__.split('+')[0]}.onnx")
     if path.is_file():
         return path

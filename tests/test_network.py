@@ -4,9 +4,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import DATA
 from networks import InPlaceABN, build_ce2p, fold_abn
+from networks.ce2p import conv1x1_of_parts, conv3x3_of_upsampled, interpolation_matrix
 
 NUM_CLASSES = {"pascal": 7, "lip": 20, "atr": 18}
 
@@ -67,3 +69,55 @@ def test_folding_abn_into_convolutions_keeps_the_outputs(checkpoints):
     for name in ("parsing", "fusion", "edge"):
         ref, got = getattr(a, name), getattr(b, name)
         assert (got - ref).norm() / ref.norm() < 1e-5, name
+
+
+# ----------------------------------------------- convolutions over upsampled maps, at the maps' own size
+@pytest.mark.parametrize("out_len, in_len", [(32, 1), (32, 2), (32, 3), (32, 6), (60, 6), (119, 60), (128, 32),
+                                             (30, 6), (7, 6), (1, 1)])
+def test_interpolation_matrix_is_bilinear_with_aligned_corners(out_len, in_len):
+    v = torch.randn(2, 3, in_len, 5, generator=torch.Generator().manual_seed(out_len * 100 + in_len))
+    expected = F.interpolate(v, size=(out_len, 5), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(interpolation_matrix(out_len, in_len, v) @ v, expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("small, size", [((1, 1), (32, 32)), ((6, 6), (32, 32)), ((3, 2), (17, 30)), ((6, 6), (60, 60))])
+def test_convolutions_over_upsampled_maps_equal_the_released_order(small, size):
+    """Upsample-then-convolve (the released network) = convolve-then-upsample (ours), values and gradients."""
+    g = torch.Generator().manual_seed(sum(small) + sum(size))
+    x = torch.randn(2, 16, *small, generator=g).requires_grad_()
+    big = torch.randn(2, 8, *size, generator=g).requires_grad_()
+    w3 = torch.randn(12, 16, 3, 3, generator=g).requires_grad_()
+    literal = F.conv2d(F.interpolate(x, size=size, mode="bilinear", align_corners=True), w3, padding=1)
+    ours = conv3x3_of_upsampled(x, w3, size)
+    torch.testing.assert_close(ours, literal, rtol=1e-5, atol=1e-5)
+    weights = literal.detach().sin()
+    for got, ref in zip(torch.autograd.grad((ours * weights).sum(), (x, w3)),
+                        torch.autograd.grad((literal * weights).sum(), (x, w3))):
+        assert (got - ref).norm() <= 1e-5 * ref.norm()
+
+    conv = torch.nn.Conv2d(24, 10, kernel_size=1, bias=True)
+    literal = conv(torch.cat([big, F.interpolate(x, size=size, mode="bilinear", align_corners=True)], 1))
+    ours = conv1x1_of_parts(conv, [(big, False), (x, True)], size)
+    torch.testing.assert_close(ours, literal, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dataset, size", [("pascal", (64, 64)), ("lip", (97, 131))])
+def test_network_equals_the_transliterated_original(dataset, size, checkpoints):
+    """All three heads against tests/original_pipeline.py's network (concatenations as released),
+    unfolded and folded, at sizes where the pyramid bins overlap."""
+    from original_pipeline import load_model
+    from schp.checkpoint import read_state_dict
+
+    path = checkpoints(dataset)
+    original = load_model(str(path), NUM_CLASSES[dataset])
+    model = build_ce2p(NUM_CLASSES[dataset])
+    model.load_state_dict(read_state_dict(path))
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        (parsing, fusion), (edge,) = original(x)
+        for net in (model, fold_abn(copy.deepcopy(model))):
+            got = net(x)
+            for name, ref in (("parsing", parsing), ("fusion", fusion), ("edge", edge)):
+                value = getattr(got, name)
+                assert (value - ref).abs().max() <= 1e-4 * ref.abs().max(), name
+                assert (value.argmax(1) == ref.argmax(1)).double().mean() >= 0.9999, name
