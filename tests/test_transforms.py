@@ -95,3 +95,22 @@ def test_torch_warp_for_gpus_matches_the_opencv_warp(w, h, channels):
                             output_to_input_map(center, scale, size), w, h, band_bytes=1 << 16).numpy()
     assert got.dtype == np.uint8
     assert (got != expected).sum() <= max(1, expected.size // 1_000_000)  # float ties only
+
+
+@pytest.mark.parametrize("band_bytes", [1 << 12, 1 << 30])
+def test_labels_are_the_argmax_of_the_inverse_warp_in_any_band_size(band_bytes, monkeypatch):
+    """The running maximum over channels, band by band (here 4 KiB bands, i.e. many of them, and one
+    band), gives exactly np.argmax of the whole-image inverse warp, ties included."""
+    import schp.inference
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(64, 64, 7)).astype(np.float32)
+    logits[:20, :, 4] = logits[:20, :, 2]  # exact ties: the lower class wins
+    center, scale = box_center_scale(90, 130)
+    monkeypatch.setattr(schp.inference, "BAND_BYTES", band_bytes)
+    warped = transform_logits(logits, center, scale, 90, 130, (64, 64))
+    full = np.empty_like(warped)
+    labels = labels_from_logits(logits, center, scale, 90, 130, (64, 64), full)
+    np.testing.assert_array_equal(full, warped)
+    np.testing.assert_array_equal(labels, warped.argmax(axis=2))
+    assert (labels == 2).sum() > 0 and (labels == 4).sum() > 0
