@@ -53,6 +53,7 @@ A config string is passed to the CLI as-is (shell-split); a leading bare fp32/bf
 """
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -196,6 +197,15 @@ def wait_idle(max_wait, what):
             said = True
 
 
+@functools.lru_cache(maxsize=None)
+def original_pipeline():
+    """tests/original_pipeline.py (the transliterated released code), loaded once from its file."""
+    spec = importlib.util.spec_from_file_location("original_pipeline", ORIGINAL)
+    original = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(original)
+    return original
+
+
 def network_gflop(dataset):
     """(released, ours): GFLOP per image at the dataset's input size, counted by torch's FlopCounterMode
     on meta tensors, for the transliterated original network and for this project's CE2P."""
@@ -205,9 +215,7 @@ def network_gflop(dataset):
     from datasets.catalog import DATASETS
     from networks import build_ce2p
 
-    spec = importlib.util.spec_from_file_location("original_pipeline", ORIGINAL)
-    original = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(original)
+    original = original_pipeline()
     counts = []
     with torch.device("meta"):
         for model in (original.ResNet(num_classes=NUM_CLASSES[dataset]).eval(), build_ce2p(NUM_CLASSES[dataset])):
@@ -291,9 +299,7 @@ def make_checkpoint(path, dataset):
 # ----------------------------------------------------------------------------- baseline
 def run_baseline(images, checkpoint, dataset, out_dir):
     """Mean seconds per image of the original pipeline (model loaded once), after one warm-up image."""
-    spec = importlib.util.spec_from_file_location("original_pipeline", ORIGINAL)
-    original = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(original)
+    original = original_pipeline()
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model = original.load_model(str(checkpoint), NUM_CLASSES[dataset])

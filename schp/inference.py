@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -275,18 +276,14 @@ def labels_from_logits(logits: np.ndarray, center: np.ndarray, scale: np.ndarray
     maximum uses OpenCV's compare, masked copy and max, about 6x faster than NumPy's masked copyto
     (2.8 against 16.5 ms for 7 channels of 1024 x 1024 on one core), with the same labels.
     """
-    import cv2
-
     out_to_in = output_to_input_map(center, scale, input_size)
     channels = [np.ascontiguousarray(logits[:, :, c]) for c in range(logits.shape[2])]
     labels = np.zeros((height, width), dtype=np.uint8)
-    rows = max(1, BAND_BYTES // max(1, width * 4 * 3))  # best, current channel, comparison mask
-    planes = None  # class c as a band-sized uint8 plane, the source of the masked copy
+    # per pixel: best and current channel (float32), comparison mask and class plane (uint8)
+    rows = max(1, BAND_BYTES // max(1, width * 4 * 3))
     for start, stop in row_bands(height, rows):
         band_labels = labels[start:stop]
-        if planes is None or planes.shape[1] != stop - start:
-            planes = np.broadcast_to(np.arange(len(channels), dtype=np.uint8)[:, None, None],
-                                     (len(channels), stop - start, width)).copy()
+        plane = np.empty_like(band_labels)  # filled with class c: the source of the masked copy
         best = None
         for c, channel in enumerate(channels):
             value = warp_channel_rows(channel, out_to_in, width, start, stop)
@@ -296,6 +293,7 @@ def labels_from_logits(logits: np.ndarray, center: np.ndarray, scale: np.ndarray
                 best = value
                 continue
             higher = cv2.compare(value, best, cv2.CMP_GT)
-            cv2.copyTo(planes[c], higher, band_labels)  # in place: labels where value > best become c
+            plane.fill(c)
+            cv2.copyTo(plane, higher, band_labels)  # in place: labels where value > best become c
             cv2.max(best, value, dst=best)
     return labels
