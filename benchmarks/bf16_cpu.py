@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import json, sys, time, torch
 sys.path.insert(0, {root!r})
-from networks import build_ce2p, fold_abn
+from schp.networks import build_ce2p, fold_abn
 torch.manual_seed(0)
 with torch.device("meta"):
     model = build_ce2p(7)

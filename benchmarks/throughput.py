@@ -212,8 +212,8 @@ def network_gflop(dataset):
     from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(ROOT))
-    from datasets.catalog import DATASETS
-    from networks import build_ce2p
+    from schp.data.catalog import DATASETS
+    from schp.networks import build_ce2p
 
     original = original_pipeline()
     counts = []
@@ -328,8 +328,8 @@ def network_by_backend(image_path, checkpoint, dataset, cache_dir, rounds):
     installed backend, the backends interleaved round by round so that load from other processes
     spreads over all of them; and each backend's label agreement with torch on that crop."""
     sys.path.insert(0, str(ROOT))
-    from datasets.catalog import DATASETS
-    from datasets.simple_extractor_dataset import prepare_image, read_image
+    from schp.data.catalog import DATASETS
+    from schp.data.simple_extractor_dataset import prepare_image, read_image
     from schp.backends import BACKENDS, BackendError
     from schp.checkpoint import read_state_dict
     from schp.inference import HumanParser

@@ -6,8 +6,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datasets.catalog import DATASETS  # noqa: E402
-from utils.palette import class_colors  # noqa: E402
+from schp.data.catalog import DATASETS  # noqa: E402
+from schp.utils.palette import class_colors  # noqa: E402
 
 ROW, SWATCH, COLUMN, MARGIN = 22, 36, 230, 12
 

@@ -1,4 +1,8 @@
-"""Networks of the SCHP extractor: the CE2P human parser."""
-from networks.ce2p import CE2P, CE2POutput, InPlaceABN, build_ce2p, fold_abn
+"""The CE2P network: the checkout's import path `networks`, an alias of `schp.networks` (where the code lives).
 
-__all__ = ["CE2P", "CE2POutput", "InPlaceABN", "build_ce2p", "fold_abn"]
+Kept so that scripts written for the original layout (`from networks... import ...`) run unchanged from a
+checkout; installed code imports `schp.networks`.
+"""
+from schp._checkout_aliases import alias
+
+alias(__name__, "schp.networks")

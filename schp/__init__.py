@@ -5,6 +5,8 @@ package; it builds on `datasets` and `networks`, which build on the small helper
 The Python API is `schp.SCHP` (schp/api.py), imported on first use so `import schp` stays light.
 """
 
+__version__ = "1.1.0"
+
 
 def __getattr__(name):
     if name in ("SCHP", "to_bgr", "load_parser"):

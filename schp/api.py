@@ -13,9 +13,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from datasets.catalog import DATASETS, DatasetSpec
+from schp.data.catalog import DATASETS, DatasetSpec
 
-ROOT = Path(__file__).resolve().parents[1]  # where checkpoints/ holds the released files
 COLORS = ("bgr", "rgb")
 Labels = np.ndarray  # H x W uint8 class indices
 
@@ -30,6 +29,7 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
     HumanParser (flip, scales, backend...). Raises CheckpointError or ValueError with one sentence.
     """
     import torch
+    from schp.checkpoint import default_checkpoint_dir
     from schp.inference import load_human_parser, select_device, slow_bf16_warning
 
     try:
@@ -40,7 +40,7 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
     if warning:
         print(warning, file=sys.stderr)
     given = checkpoint is not None
-    path = Path(checkpoint) if given else ROOT / "checkpoints" / spec.checkpoint
+    path = Path(checkpoint) if given else default_checkpoint_dir() / spec.checkpoint
     return load_human_parser(spec, path, device, precision, allow_tf32=allow_tf32,
                              allow_download=not given or path.name == spec.checkpoint, **options)
 
@@ -97,7 +97,7 @@ def to_bgr(image, color: Optional[str] = None) -> np.ndarray:
     order `color` ('bgr' or 'rgb') must name. TypeError / ValueError with a sentence for anything else.
     """
     if isinstance(image, (str, os.PathLike)):
-        from datasets.simple_extractor_dataset import ImageError, read_image
+        from schp.data.simple_extractor_dataset import ImageError, read_image
         try:
             return read_image(Path(image))
         except ImageError as err:
@@ -131,7 +131,7 @@ class SCHP:
                  device="auto", precision: str = "fp32", flip: bool = False,
                  scales: Sequence[float] = (1.0,), backend: str = "torch", batch_size: int = 1,
                  allow_tf32: bool = False):
-        from utils.palette import get_palette
+        from schp.utils.palette import get_palette
 
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}: one of {', '.join(sorted(DATASETS))}")
@@ -169,7 +169,7 @@ class SCHP:
 
     def colorize(self, labels: Labels, color: str = "rgb") -> np.ndarray:
         """H x W x 3 uint8 picture of a label map in the palette colours of the PNG outputs."""
-        from utils.outputs import colorize_bgr
+        from schp.utils.outputs import colorize_bgr
 
         bgr = colorize_bgr(self._check_labels(labels), self.palette)
         return bgr if _check_color(color, "colorize") == "bgr" else np.ascontiguousarray(bgr[:, :, ::-1])
@@ -180,7 +180,7 @@ class SCHP:
         The result's channel order is `color`: required for 3/4-channel arrays (it names their order
         too), 'rgb' by default for grey arrays, PIL images and paths.
         """
-        from utils.outputs import blend_overlay
+        from schp.utils.outputs import blend_overlay
 
         is_colour_array = isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] > 1
         order = color if is_colour_array or color is not None else "rgb"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Dict, Optional
 
 import numpy as np
 
-from datasets.catalog import DatasetSpec
+from schp.data.catalog import DatasetSpec
 
 if TYPE_CHECKING:  # torch is imported where it is used: `--help` and `--legend` stay quick
     import torch

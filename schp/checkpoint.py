@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from datasets.catalog import DatasetSpec, dataset_for_num_classes
+from schp.data.catalog import DatasetSpec, dataset_for_num_classes
 
 PREFIX = "module."  # the released files were saved from nn.DataParallel
 CLASSIFIER_KEY = "fushion.3.weight"
@@ -218,6 +218,22 @@ def default_cache_dir() -> Optional[Path]:
     return Path(base) / "schp"
 
 
+def default_checkpoint_dir() -> Path:
+    """Where the released checkpoints are looked for and downloaded to when none is given.
+
+    $SCHP_CHECKPOINT_DIR when set; else, running from a checkout (a checkpoints/ folder beside the
+    package), the checkout's checkpoints/ as the original had it; else, installed,
+    <user cache>/checkpoints (default_cache_dir's base, ~/.cache/schp).
+    """
+    if os.environ.get("SCHP_CHECKPOINT_DIR"):
+        return Path(os.environ["SCHP_CHECKPOINT_DIR"])
+    checkout = Path(__file__).resolve().parents[1]
+    if checkout.name not in ("site-packages", "dist-packages") and (checkout / "checkpoints").is_dir():
+        return checkout / "checkpoints"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "schp" / "checkpoints"
+
+
 def download_checkpoint(spec: DatasetSpec, path: Path, timeout: float = 30.0) -> Path:
     """Fetch the released checkpoint of `spec` from Google Drive to `path`.
 
@@ -287,7 +303,7 @@ def read_label_facts(path: Path) -> Optional[dict]:
 
 def spec_from_checkpoint(path: Path) -> DatasetSpec:
     """The label set of a checkpoint trained with train.py (--dataset custom at inference)."""
-    from datasets.catalog import custom_spec
+    from schp.data.catalog import custom_spec
 
     path = Path(path)
     if not path.is_file():

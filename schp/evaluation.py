@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets.labelled import IGNORE_LABEL, Sample, label_problem, list_samples, read_ids, read_label
-from datasets.simple_extractor_dataset import IMAGE_EXTENSIONS, ImageError, prepare_image, read_image
+from schp.data.labelled import IGNORE_LABEL, Sample, label_problem, list_samples, read_ids, read_label
+from schp.data.simple_extractor_dataset import IMAGE_EXTENSIONS, ImageError, prepare_image, read_image
 from schp.inference import HumanParser
-from utils.outputs import save_label_png
-from utils.palette import get_palette
-from utils.transforms import Size, get_affine_transform
+from schp.utils.outputs import save_label_png
+from schp.utils.palette import get_palette
+from schp.utils.transforms import Size, get_affine_transform
 
 
 def _stderr(line: str) -> None:

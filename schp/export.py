@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets.catalog import DatasetSpec
-from networks import build_ce2p, fold_abn
+from schp.data.catalog import DatasetSpec
+from schp.networks import build_ce2p, fold_abn
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 OUTPUTS = ("raw", "labels")
@@ -84,7 +84,7 @@ def check_options(fmt: str, precision: str, outputs: str, opset: int) -> None:
 
 def sample_crop(spec: DatasetSpec) -> torch.Tensor:
     """1 x 3 x in_h x in_w normalised crop of the demo image, as the extractor feeds the network."""
-    from datasets.simple_extractor_dataset import prepare_image, read_image
+    from schp.data.simple_extractor_dataset import prepare_image, read_image
     from schp.inference import MEAN_BGR, STD_BGR
 
     crop = prepare_image(0, read_image(DEMO_IMAGE), spec.input_size).image

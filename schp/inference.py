@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets.catalog import DatasetSpec
-from networks import build_ce2p, fold_abn
-from utils.transforms import MEAN_BGR, STD_BGR, output_to_input_map, row_bands, warp_argmax_torch, warp_channel_rows
+from schp.data.catalog import DatasetSpec
+from schp.networks import build_ce2p, fold_abn
+from schp.utils.transforms import MEAN_BGR, STD_BGR, output_to_input_map, row_bands, warp_argmax_torch, warp_channel_rows
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 BAND_BYTES = 32 << 20  # inverse warp in row bands of at most this many bytes of float logits
@@ -197,7 +197,7 @@ class HumanParser:
 
         With `with_logits`, (labels, logits) pairs where logits are H x W x C float32.
         """
-        from datasets.simple_extractor_dataset import prepare_image
+        from schp.data.simple_extractor_dataset import prepare_image
 
         items = [prepare_image(i, image, self.spec.input_size) for i, image in enumerate(images)]
         if not items:

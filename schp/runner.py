@@ -25,11 +25,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets.simple_extractor_dataset import (DEFAULT_MAX_PIXELS, ImageError, Prepared, SimpleFolderDataset,
+from schp.data.simple_extractor_dataset import (DEFAULT_MAX_PIXELS, ImageError, Prepared, SimpleFolderDataset,
                                                collate_prepared, describe_exception, read_image)
 from schp.cli import raise_keyboard_interrupt
 from schp.inference import HumanParser, labels_from_logits
-from utils.outputs import (integratedpifu_codes, npy_memmap, remove_stale_temporaries, save_label_png,
+from schp.utils.outputs import (integratedpifu_codes, npy_memmap, remove_stale_temporaries, save_label_png,
                            save_npy, save_overlay)
 
 # Errors after which writing anything more is pointless: stop the run instead of failing every file.

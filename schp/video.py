@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from schp.cli import raise_keyboard_interrupt
 from schp.runner import FATAL_WRITE_ERRNOS, Outcome, RunReport, describe_error
-from utils.outputs import atomic_path, blend_overlay, colorize_bgr, remove_stale_temporaries, save_label_png, save_npy
+from schp.utils.outputs import atomic_path, blend_overlay, colorize_bgr, remove_stale_temporaries, save_label_png, save_npy
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 OUTPUT_FOURCC = "mp4v"  # the MPEG-4 encoder every OpenCV wheel's FFmpeg has (H.264 often is missing)

@@ -58,7 +58,7 @@ def torch_backend_by_default(monkeypatch):
 @pytest.fixture
 def run_cli(capsys):
     """Run simple_extractor.main(argv) in this process; returns (exit code, stdout, stderr)."""
-    import simple_extractor
+    from schp.commands import extract as simple_extractor
 
     def run(*argv):
         code = simple_extractor.main([str(a) for a in argv] + ["--quiet"])

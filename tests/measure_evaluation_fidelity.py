@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 import original_evaluate as orig  # noqa: E402
 import original_pipeline  # noqa: E402
 import test_evaluation as te  # noqa: E402
-from datasets.catalog import DATASETS  # noqa: E402
+from schp.data.catalog import DATASETS  # noqa: E402
 from schp.checkpoint import read_state_dict  # noqa: E402
 from schp.evaluation import evaluate  # noqa: E402
 from schp.inference import HumanParser  # noqa: E402

@@ -13,9 +13,9 @@ from PIL import Image
 
 import corpus
 from conftest import ROOT
-from datasets.catalog import DATASETS
+from schp.data.catalog import DATASETS
 from schp.api import SCHP, to_bgr
-from utils.palette import class_colors
+from schp.utils.palette import class_colors
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import zipfile
 import pytest
 import torch
 
-from datasets.catalog import DATASETS
-from networks import build_ce2p
+from schp.data.catalog import DATASETS
+from schp.networks import build_ce2p
 from schp.checkpoint import CheckpointError, cache_size_cap, cached_zip_copy, check_state_dict, read_state_dict
 
 PASCAL = DATASETS["pascal"]

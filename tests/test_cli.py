@@ -9,8 +9,8 @@ from PIL import Image
 
 import corpus
 from conftest import ROOT
-from datasets.catalog import DATASETS
-from utils.palette import class_colors
+from schp.data.catalog import DATASETS
+from schp.utils.palette import class_colors
 
 
 def photos(folder, names):

@@ -22,11 +22,11 @@ import original_evaluate as orig
 import original_pipeline
 from conftest import ROOT
 from dataclasses import replace
-from datasets.catalog import DATASETS
+from schp.data.catalog import DATASETS
 from schp.evaluation import (confusion_matrix, evaluate, metrics, score_files, scored_center, warp_labels)
 from schp.checkpoint import read_state_dict
 from schp.inference import HumanParser
-from utils.transforms import box_center_scale, get_affine_transform
+from schp.utils.transforms import box_center_scale, get_affine_transform
 from synth_checkpoint import save_checkpoint, synthetic_checkpoint
 
 SIZES = [(96, 64), (75, 101), (61, 88)]  # (width, height): even/even, odd/odd, odd/even
@@ -359,7 +359,7 @@ def test_metrics_equal_the_released_evaluator_with_its_own_network(dataset, tta,
 def test_catalog_input_size_from_the_command_line(dataset, checkpoints, tmp_path, capsys):
     """One image at the dataset's own input size (no --input-size), plain seed-0 synthetic checkpoint,
     through evaluate.main, against the released evaluator with its own network."""
-    import evaluate as cli
+    from schp.commands import evaluate as cli
 
     w, h = (70, 52)
     image = photo(5, w, h)
@@ -439,7 +439,7 @@ def test_flip_makes_an_image_and_its_mirror_give_mirrored_maps(dataset, models, 
 
 # ----------------------------------------------------------------------------- command line, bad input
 def test_bad_inputs_are_named_left_out_and_counted(models, folders, tmp_path, capsys):
-    import evaluate as cli
+    from schp.commands import evaluate as cli
 
     root = tmp_path / "data"
     good = folders("lip")
@@ -481,7 +481,7 @@ def test_bad_inputs_are_named_left_out_and_counted(models, folders, tmp_path, ca
 
 
 def test_files_mode_refuses_bad_predictions(folders, tmp_path, capsys):
-    import evaluate as cli
+    from schp.commands import evaluate as cli
 
     root = tmp_path / "data"
     shutil.copytree(folders("pascal"), root)

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import export as export_cli
-from datasets.catalog import DATASETS
-from datasets.simple_extractor_dataset import prepare_image
-from networks.ce2p import BinAverage
+from schp.commands import export as export_cli
+from schp.data.catalog import DATASETS
+from schp.data.simple_extractor_dataset import prepare_image
+from schp.networks.ce2p import BinAverage
 from schp.checkpoint import read_state_dict
 from schp.inference import HumanParser, labels_from_logits
 

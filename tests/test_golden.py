@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import DATA, ROOT
-from utils.palette import get_palette
+from schp.utils.palette import get_palette
 
 CASES = sorted(p.name for p in (DATA / "cases").iterdir() if (p / "expected.png").is_file())
 FAILURES = ROOT / "tests" / "failures"
@@ -69,7 +69,7 @@ def test_gpu_postprocessing_path_matches_the_original_on_the_cpu(checkpoints, tm
     """The CUDA path (inverse warp and argmax in torch on the device) run on the CPU, batched."""
     import torch
 
-    from datasets.catalog import DATASETS
+    from schp.data.catalog import DATASETS
     from schp.checkpoint import read_state_dict
     from schp.inference import HumanParser
     from schp.runner import Runner, Task

@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import DATA
 from original_pipeline import run_original
-from utils.outputs import INTEGRATEDPIFU_CODES
+from schp.utils.outputs import INTEGRATEDPIFU_CODES
 
 TREE = DATA / "IntegratedPIFu"
 RENDERS = "rendering_script/buffer_fixed_full_mesh"
@@ -41,7 +41,7 @@ def written_parses(root, parse_root=None):
 @pytest.fixture(scope="module")
 def full_run(checkpoints, tmp_path_factory):
     """The plain command on a copy of the whole reference tree, run once for several tests."""
-    import simple_extractor
+    from schp.commands import extract as simple_extractor
 
     root = tmp_path_factory.mktemp("full") / "IntegratedPIFu"
     shutil.copytree(TREE, root)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pycocotools import mask as mask_util  # noqa: E402
 
-import multi_person  # noqa: E402
+from schp.commands import multi_person  # noqa: E402
 import multi_person_original as released  # noqa: E402
 import original_pipeline  # noqa: E402
 from schp.multi_person import fusion  # noqa: E402
@@ -375,7 +375,7 @@ def test_torchvision_source_end_to_end(tmp_path, cihp, small_group):
     from schp.multi_person.outputs import output_paths
     from schp.multi_person.parsing import load_parser
     from schp.multi_person.pipeline import ImageTask, MultiPersonRunner, Settings
-    from datasets.catalog import MULTI_PERSON
+    from schp.data.catalog import MULTI_PERSON
     import dataclasses
 
     image_path, _ = small_group

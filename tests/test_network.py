@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DATA
-from networks import InPlaceABN, build_ce2p, fold_abn
-from networks.ce2p import conv1x1_of_parts, conv3x3_of_upsampled, interpolation_matrix
+from schp.networks import InPlaceABN, build_ce2p, fold_abn
+from schp.networks.ce2p import conv1x1_of_parts, conv3x3_of_upsampled, interpolation_matrix
 
 NUM_CLASSES = {"pascal": 7, "lip": 20, "atr": 18}
 

@@ -1,5 +1,5 @@
 """The Pascal VOC colour map of the label PNGs."""
-from utils.palette import class_colors, get_palette
+from schp.utils.palette import class_colors, get_palette
 
 
 def test_pascal_palette_is_the_voc_colour_map():

@@ -12,9 +12,9 @@ import pytest
 
 import corpus
 from conftest import ROOT
-from datasets.catalog import DATASETS
-from datasets.simple_extractor_dataset import ImageError, read_image
-from utils.palette import class_colors
+from schp.data.catalog import DATASETS
+from schp.data.simple_extractor_dataset import ImageError, read_image
+from schp.utils.palette import class_colors
 
 README = (ROOT / "README.md").read_text()
 
@@ -45,7 +45,7 @@ def test_every_named_test_exists():
 
 
 def test_options_table_lists_exactly_the_options_with_their_defaults(monkeypatch):
-    import simple_extractor
+    from schp.commands import extract as simple_extractor
 
     monkeypatch.delenv("SCHP_BACKEND", raising=False)  # the tests' torch default is not the users' default
 

@@ -8,7 +8,7 @@ import pytest
 
 import corpus
 from conftest import ROOT
-from utils.outputs import TEMP_MARK, remove_stale_temporaries, temp_path
+from schp.utils.outputs import TEMP_MARK, remove_stale_temporaries, temp_path
 
 CLI = [sys.executable, str(ROOT / "simple_extractor.py")]
 
@@ -20,7 +20,7 @@ def dead_pid() -> int:
 
 
 def test_temporaries_name_the_host_and_only_this_hosts_dead_ones_are_removed(tmp_path):
-    from utils.outputs import host_tag
+    from schp.utils.outputs import host_tag
     assert f"{TEMP_MARK}{host_tag()}-{os.getpid()}" in temp_path(tmp_path / "a.png").name
     gone = dead_pid()
     mine_dead = tmp_path / f".a{TEMP_MARK}{host_tag()}-{gone}.png"

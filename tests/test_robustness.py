@@ -109,7 +109,7 @@ def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_kept(checkpoin
     inputs.mkdir()
     out.mkdir()
     corpus.make_good_jpg(inputs)
-    from utils.outputs import host_tag
+    from schp.utils.outputs import host_tag
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = out / f".good.schp-tmp-{host_tag()}-{dead.pid}.png"

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from datasets.catalog import DATASETS
+from schp.data.catalog import DATASETS
 from schp import inference
 from schp.inference import cpu_flags, select_device, slow_bf16_warning
 
@@ -40,7 +40,7 @@ def assert_one_line_error(code, err, *parts):
 DRIVER = """
 import sys
 sys.path.insert(0, {root!r})
-import simple_extractor
+from schp.commands import extract as simple_extractor
 try:
     code = simple_extractor.main(sys.argv[1:])
 except SystemExit as stop:

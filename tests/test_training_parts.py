@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets.augment import LEGACY_LIP_PAIRS, augment, edge_target, flip_lookup
-from networks import InPlaceABN
+from schp.data.augment import LEGACY_LIP_PAIRS, augment, edge_target, flip_lookup
+from schp.networks import InPlaceABN
 from schp.training.losses import (SCHPLoss, cross_entropy, edge_loss, kl_mean, lovasz_softmax)
 from schp.training.schedule import is_cycle_end, learning_rate
 from schp.training.self_correction import aggregate_parameters, reestimate_bn
-from utils.transforms import get_affine_transform
+from schp.utils.transforms import get_affine_transform
 
 
 def labels_with_ignore(b=2, c=5, h=9, w=11, seed=0):
@@ -336,7 +336,7 @@ def test_sync_bn_over_two_gloo_processes_equals_one_big_batch(tmp_path):
 
 
 def test_init_from_a_released_checkpoint_reinitialises_only_the_heads(checkpoints):
-    from networks import CE2P
+    from schp.networks import CE2P
     from schp.checkpoint import read_state_dict
     from schp.training.trainer import load_init
 
@@ -353,7 +353,7 @@ def test_init_from_a_released_checkpoint_reinitialises_only_the_heads(checkpoint
 
 
 def test_imagenet_backbone_loading_rules(tmp_path):
-    from networks import CE2P
+    from schp.networks import CE2P
     from schp.training.trainer import TrainingError, load_imagenet
 
     torch.manual_seed(1)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import train
+from schp.commands import train
 from conftest import ROOT
 from schp.training.schedule import learning_rate
 from tiny_parsing_data import make_dataset
@@ -87,7 +87,7 @@ def test_pascal_run_writes_the_released_files_and_follows_the_schedule(pascal_ru
 
 
 def test_validation_figures_equal_evaluate_py_on_the_saved_checkpoints(pascal_run, tmp_path, capsys):
-    import evaluate
+    from schp.commands import evaluate
 
     _, data, log = pascal_run
     rows = metrics(log)

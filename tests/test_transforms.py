@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from schp.inference import labels_from_logits
-from utils.transforms import (box_center_scale, get_affine_transform, output_to_input_map, row_bands,
+from schp.utils.transforms import (box_center_scale, get_affine_transform, output_to_input_map, row_bands,
                               transform_logits, warp_channel_rows, warp_to_input)
 
 SIZES = [(1024, 1024), (2000, 1333), (1333, 2000), (61, 97), (1, 40), (40, 1), (1, 1), (3, 2)]  # (w, h)
@@ -85,7 +85,7 @@ def test_row_bands_cover_every_row_once():
 def test_torch_warp_for_gpus_matches_the_opencv_warp(w, h, channels):
     import torch
 
-    from utils.transforms import warp_argmax_torch
+    from schp.utils.transforms import warp_argmax_torch
 
     size = (473, 473) if channels == 20 else (512, 512)
     logits = np.random.default_rng(2).normal(size=size + (channels,)).astype(np.float32)

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 import corpus
-from datasets.catalog import DATASETS
-from utils.outputs import host_tag
-from utils.palette import class_colors
+from schp.data.catalog import DATASETS
+from schp.utils.outputs import host_tag
+from schp.utils.palette import class_colors
 
 W, H = 64, 48
 

@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence, Tuple
 import cv2
 import numpy as np
 
-from utils.transforms import row_bands
+from schp.utils.transforms import row_bands
 
 MAX_PARTS = 255  # part ids are written as an 8-bit PNG
 BAND_BYTES = 32 << 20

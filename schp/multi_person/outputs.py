@@ -16,8 +16,8 @@ import numpy as np
 
 from schp.multi_person.fusion import Fused
 from schp.multi_person.nms import People
-from utils.outputs import atomic_path, save_label_png
-from utils.palette import get_palette
+from schp.utils.outputs import atomic_path, save_label_png
+from schp.utils.palette import get_palette
 
 PALETTE = get_palette(256)
 FOLDERS = ("global_parsing", "instance_parsing", "global_tag")

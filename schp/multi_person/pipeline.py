@@ -16,7 +16,7 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from datasets.simple_extractor_dataset import ImageError, read_image
+from schp.data.simple_extractor_dataset import ImageError, read_image
 from schp.inference import HumanParser
 from schp.multi_person.fusion import fuse, nobody
 from schp.multi_person.instances import InstanceError
@@ -25,7 +25,7 @@ from schp.multi_person.outputs import instances_record, save_outputs
 from schp.multi_person.parsing import crop_images, image_logits
 from schp.cli import raise_keyboard_interrupt
 from schp.runner import describe_error
-from utils.outputs import remove_stale_temporaries
+from schp.utils.outputs import remove_stale_temporaries
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence
 
 from PIL import Image, ImageDraw
 
-from utils.outputs import atomic_path
+from schp.utils.outputs import atomic_path
 
 PANEL_W, PANEL_H, MARGIN = 420, 260, 48
 SERIES = (("loss", "loss (mean per epoch)", (31, 119, 180)), ("lr", "learning rate", (255, 127, 14)),

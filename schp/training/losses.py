@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets.augment import IGNORE_LABEL, edge_target
+from schp.data.augment import IGNORE_LABEL, edge_target
 
 
 def upsample(logits: torch.Tensor, size) -> torch.Tensor:

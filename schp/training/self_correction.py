@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from networks import InPlaceABN
+from schp.networks import InPlaceABN
 
 
 @torch.no_grad()

@@ -22,16 +22,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from datasets.catalog import DatasetSpec
-from datasets.training_set import AUGMENTED_SPLITS, DataError, TrainingSet, check_samples, load_split
-from datasets.augment import edge_target
-from networks import CE2P, InPlaceABN
+from schp.data.catalog import DatasetSpec
+from schp.data.training_set import AUGMENTED_SPLITS, DataError, TrainingSet, check_samples, load_split
+from schp.data.augment import edge_target
+from schp.networks import CE2P, InPlaceABN
 from schp.checkpoint import PREFIX, CheckpointError, read_state_dict
 from schp.training.curves import draw_curves
 from schp.training.losses import SCHPLoss
 from schp.training.schedule import is_cycle_end, learning_rate
 from schp.training.self_correction import aggregate_parameters, reestimate_bn
-from utils.outputs import atomic_path, remove_stale_temporaries
+from schp.utils.outputs import atomic_path, remove_stale_temporaries
 
 IMAGENET_URL = "http://sceneparsing.csail.mit.edu/model/pretrained_resnet/resnet101-imagenet.pth"
 BACKBONE = ("conv1.", "conv2.", "conv3.", "bn1.", "bn2.", "bn3.", "layer1.", "layer2.", "layer3.", "layer4.")

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datasets.augment import augment, whole_image_crop
-from datasets.labelled import LabelledDataError, Sample, label_problem, list_samples, read_label
-from datasets.simple_extractor_dataset import ImageError, read_image
-from utils.transforms import MEAN_BGR, STD_BGR
+from schp.data.augment import augment, whole_image_crop
+from schp.data.labelled import LabelledDataError, Sample, label_problem, list_samples, read_label
+from schp.data.simple_extractor_dataset import ImageError, read_image
+from schp.utils.transforms import MEAN_BGR, STD_BGR
 
 AUGMENTED_SPLITS = ("train", "trainval")
 

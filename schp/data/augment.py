@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.transforms import box_center_scale, get_affine_transform
+from schp.utils.transforms import box_center_scale, get_affine_transform
 
 IGNORE_LABEL = 255
 # The released code swapped these for every dataset (LIP's left/right arm, leg, shoe).

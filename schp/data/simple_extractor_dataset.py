@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from utils.transforms import box_center_scale, warp_to_input
+from schp.utils.transforms import box_center_scale, warp_to_input
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Inputs with more pixels are refused before decoding (the decoded image alone takes 3 bytes a pixel).

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""SCHP evaluation: pixel accuracy, mean accuracy and per-class / mean IoU of a checkpoint on a labelled split.
+
+The command lines of the released evaluate.py keep working; the protocol and its numbers are the
+released ones by default (see schp/evaluation.py). With --pred-dir it scores a folder of predicted
+label PNGs instead, without loading a network.
+Exit codes: 0 all scored, 1 some image left out (each named on stderr), 2 usage or set-up error,
+130 interrupted.
+"""
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError, parse_input_size
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Self-Correction Human Parsing evaluation: the released mIoU protocol.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default=None, choices=["lip", "atr", "pascal"],
+                   help="sets input size, classes, label names and flip pairs; default: the one with "
+                        "--num-classes classes, else lip (the original's defaults)")
+    p.add_argument("--data-dir", default="./data/LIP",
+                   help="dataset root with <split>_id.txt, <split>_images/, <split>_segmentations/")
+    p.add_argument("--split", default="val", help="which split: ids from <split>_id.txt")
+    p.add_argument("--model-restore", default="./log/checkpoint.pth.tar", help="checkpoint file")
+    p.add_argument("--gpu", default="0", help="CUDA device index as in the original; 'None' means CPU (--device wins)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--input-size", default=None, metavar="H,W", help="network input size; default the dataset's")
+    p.add_argument("--num-classes", type=int, default=None, help="number of classes; default the dataset's")
+    p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
+    p.add_argument("--multi-scales", default="1", metavar="S1,S2,...",
+                   help="test-time augmentation: average over these input scales, e.g. 0.75,1.0,1.25")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32 reproduces the original; fp16 is CUDA only")
+    from schp.backends import add_backend_argument
+    add_backend_argument(p)
+    p.add_argument("--float-centers", action="store_true",
+                   help="warp the scored maps back with the true crop centres; by default the released "
+                        "int32-truncated centres are used so published numbers reproduce")
+    p.add_argument("--save-results", action="store_true", help="write palette PNGs to <log-dir>/sp_results/")
+    p.add_argument("--log-dir", default="./log", help="where sp_results/ goes")
+    p.add_argument("--summary", default=None, metavar="PATH", help="write the metrics and settings as JSON")
+    p.add_argument("--pred-dir", default=None, metavar="DIR",
+                   help="files mode: score the label PNGs <DIR>/<id>.png (at ground-truth size); no network")
+    p.add_argument("--label-dir", default=None, metavar="NAME",
+                   help="ground-truth folder under --data-dir (or absolute); default <split>_segmentations")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # parsed and unused by the original too
+    p.add_argument("--arch", default="resnet101", choices=["resnet101"], help=argparse.SUPPRESS)
+    p.add_argument("--ignore-label", type=int, default=255, help=argparse.SUPPRESS)
+    p.add_argument("--random-mirror", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--random-scale", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def choose_spec(args):
+    from schp.data.catalog import DATASETS, dataset_for_num_classes
+
+    name = args.dataset
+    if name is None:
+        matches = [d for d in DATASETS.values() if d.num_classes == args.num_classes]
+        name = matches[0].name if args.num_classes is not None and len(matches) == 1 else "lip"
+    spec = DATASETS[name]
+    if args.num_classes is not None and args.num_classes != spec.num_classes:
+        raise SetupError(f"--num-classes {args.num_classes} does not match --dataset {name} "
+                         f"({spec.num_classes} classes); {args.num_classes} classes is "
+                         f"{dataset_for_num_classes(args.num_classes)}")
+    if args.ignore_label != 255:
+        print(f"warning: --ignore-label {args.ignore_label} is not used: 255 is the ignore label "
+              "(as in the original, which parsed the option and hard-coded 255)", file=sys.stderr)
+    if args.input_size:
+        spec = replace(spec, input_size=parse_input_size(args.input_size, 16))
+    return spec
+
+
+def write_summary(path: Path, fields: dict) -> None:
+    from schp.utils.outputs import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(fields, indent=1, ensure_ascii=False) + "\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from schp.data.labelled import LabelledDataError, id_file
+    from schp.checkpoint import CheckpointError
+    from schp.evaluation import evaluate, score_files
+    from schp.inference import load_human_parser, parse_scales, select_device
+
+    data_dir = Path(args.data_dir)
+    try:
+        spec = choose_spec(args)
+        if args.batch_size < 1:
+            raise SetupError("--batch-size must be >= 1")
+        if not id_file(data_dir, args.split).is_file():
+            raise SetupError(f"{id_file(data_dir, args.split)}: no such id file (expected one id per line)")
+        settings = {"dataset": spec.name, "split": args.split, "data_dir": str(data_dir)}
+        if args.pred_dir:
+            if not Path(args.pred_dir).is_dir():
+                raise SetupError(f"--pred-dir {args.pred_dir}: no such folder")
+            parser = None
+            settings.update(mode="files", pred_dir=str(args.pred_dir))
+        else:
+            try:
+                scales = parse_scales(args.multi_scales)
+                device = select_device(args.device, args.gpu)
+                parser, checkpoint = load_human_parser(
+                    spec, Path(args.model_restore), device, args.precision, flip=args.flip, scales=scales,
+                    backend=args.backend, allow_download=Path(args.model_restore).name == spec.checkpoint)
+            except (CheckpointError, ValueError, RuntimeError) as err:
+                raise SetupError(str(err)) from None
+            settings.update(mode="model", checkpoint=str(checkpoint), input_size=list(spec.input_size),
+                            device=str(device), precision=args.precision, backend=parser.backend,
+                            tta={"flip": args.flip, "scales": list(scales)},
+                            legacy_int_centers=not args.float_centers)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SETUP
+
+    try:
+        if parser is None:
+            result = score_files(args.pred_dir, data_dir, args.split, spec.num_classes, labels=spec.labels,
+                                 label_dir=args.label_dir, quiet=args.quiet)
+        else:
+            import cv2
+            cv2.setNumThreads(1)  # torch owns the cores
+            save_dir = Path(args.log_dir) / "sp_results" if args.save_results else None
+            result = evaluate(parser, data_dir, args.split, legacy_int_centers=not args.float_centers,
+                              batch_size=args.batch_size, save_dir=save_dir, quiet=args.quiet,
+                              label_dir=args.label_dir)
+    except LabelledDataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SETUP
+    except OSError as err:
+        print(f"error: cannot write {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted: no metrics written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+    print(result.table())
+    note = "" if parser is None else (
+        f"; centres {'int32 as released' if not args.float_centers else 'float'}; flip "
+        f"{'on' if args.flip else 'off'}; scales {','.join(f'{s:g}' for s in parser.scales)}")
+    print(f"{result.images} images scored, {len(result.failed)} left out{note}", file=sys.stderr)
+    if result.images == 0:
+        print("error: no image could be scored", file=sys.stderr)
+    if args.summary:
+        try:
+            write_summary(Path(args.summary), {**result.as_dict(), **settings})
+        except OSError as err:
+            print(f"error: cannot write --summary {args.summary}: {err.strerror or err}", file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_FAILED if result.failed or result.images == 0 else EXIT_OK
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

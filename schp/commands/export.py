@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Export an SCHP checkpoint to ONNX (the file re-hosting pipelines call), TorchScript or torch.export.
+
+    python export.py --dataset atr --model-restore CKPT --output parsing_atr.onnx
+
+The written file is run with its own runtime (ONNX Runtime for ONNX) on a real crop and compared with
+PyTorch; a mismatch above tolerance removes it. Exit codes: 0 written and verified, 1 the file did not
+verify (nothing written), 2 usage or set-up error, 130 interrupted.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    from schp.export import DEFAULT_OPSET, FORMATS, OUTPUTS
+
+    p = argparse.ArgumentParser(
+        description="Export the SCHP network of a checkpoint to ONNX, TorchScript or a torch.export "
+                    "program, verified against PyTorch after writing.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="pascal", choices=["lip", "atr", "pascal"],
+                   help="which released model: its labels and input size")
+    p.add_argument("--model-restore", default=None,
+                   help="checkpoint file; default checkpoints/<released file of --dataset>, downloaded there "
+                        "when missing")
+    p.add_argument("--output", required=True, help="file to write (e.g. parsing_atr.onnx)")
+    p.add_argument("--format", default="onnx", choices=FORMATS,
+                   help="onnx (ONNX Runtime, OpenVINO, ...), torchscript (torch.jit.load), "
+                        "exported-program (torch.export.load, .pt2)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size N (default: N = 1)")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="any input H x W >= 32 (default: the dataset's input size only)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="weights and arithmetic inside the file (the input and outputs stay float32); "
+                        "onnx: fp32, fp16; torchscript and exported-program: all three")
+    p.add_argument("--outputs", default="raw", choices=OUTPUTS,
+                   help="raw: outputs parsing, fusion, edge logits at 1/4 resolution (the released order); "
+                        "labels: N x H x W int64 crop-space labels (upsampling and argmax in the graph)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip running the written file (not recommended)")
+    return p.parse_args(argv)
+
+
+def load_state(args, spec):
+    from schp.checkpoint import (cached_zip_copy, check_state_dict, default_cache_dir, default_checkpoint_dir,
+                                 read_state_dict, resolve_checkpoint)
+    from schp.networks import build_ce2p
+    import torch
+
+    given = args.model_restore is not None
+    path = Path(args.model_restore) if given else default_checkpoint_dir() / spec.checkpoint
+    path = resolve_checkpoint(path, spec, allow_download=not given or path.name == spec.checkpoint)
+    state = read_state_dict(cached_zip_copy(path, default_cache_dir()))
+    with torch.device("meta"):
+        expected = build_ce2p(spec.num_classes).state_dict()
+    check_state_dict(state, expected, spec, path)
+    return state, path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from schp.data.catalog import DATASETS
+    from schp.checkpoint import CheckpointError
+    from schp.export import ExportError, check_options, export
+
+    spec = DATASETS[args.dataset]
+    output = Path(args.output)
+    try:
+        check_options(args.format, args.precision, args.outputs, args.opset)
+        if output.is_dir():
+            raise ExportError(f"--output {output} is a folder; give a file name")
+        state, checkpoint = load_state(args, spec)
+    except (CheckpointError, ExportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SETUP
+    n = "N" if args.dynamic_batch else "1"
+    h, w = ("H", "W") if args.dynamic_size else spec.input_size
+    print(f"exporting {spec.name} ({checkpoint.name}) to {output} as {args.format}, {args.precision}, "
+          f"input {n} x 3 x {h} x {w}, outputs {args.outputs}"
+          + (f", opset {args.opset}" if args.format == "onnx" else ""), file=sys.stderr)
+    started = time.perf_counter()
+    try:
+        result = export(spec, state, output, args.format, args.opset, args.dynamic_batch, args.dynamic_size,
+                        args.precision, args.outputs, verify_file=args.verify)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        # a missing runtime package is a set-up problem; a file that does not verify is a failure
+        return EXIT_SETUP if "is not installed" in str(err) or "needs the package" in str(err) else EXIT_FAILED
+    except OSError as err:  # unwritable folder, disk full: the temporary is already removed
+        print(f"error: cannot write {output}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_SETUP
+    if result is not None:
+        print(result.line())
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

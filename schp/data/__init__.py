@@ -1,0 +1,1 @@
+"""Inputs of the SCHP extractor: dataset facts, image folders, IntegratedPIFu trees."""
