@@ -1,0 +1,37 @@
+"""The engine's errors: one base class that carries the exit code a command ends with.
+
+An error about a parameter names it as a Python caller wrote it (`device='tpu': expected ...`); the
+commands re-word the same error with their flag (`--device tpu: expected ...`) through `describe`.
+Kept free of imports so that commands can use it before anything heavy is loaded.
+"""
+from typing import Any, Optional
+
+EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_UNSET = object()
+
+
+class SCHPError(Exception):
+    """One sentence for the user; `parameter` / `value` name what was wrong where a caller passed it."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, reason: str, parameter: Optional[str] = None, value: Any = _UNSET):
+        self.reason, self.parameter, self.value = reason, parameter, value
+        super().__init__(self.describe())
+
+    def describe(self, flag: Optional[str] = None) -> str:
+        """The sentence, the parameter named as Python (`name='value'`) or, given `flag`, as `--flag value`."""
+        if self.parameter is None:
+            return self.reason
+        if flag is not None:
+            shown = flag if self.value is _UNSET else f"{flag} {self.value}"
+        else:
+            shown = self.parameter if self.value is _UNSET else f"{self.parameter}={self.value!r}"
+        return f"{shown}: {self.reason}"
+
+
+class SetupError(SCHPError):
+    """A problem found before any work (arguments, folders, checkpoint, device): nothing was started."""
+
+    exit_code = EXIT_SETUP
