@@ -329,7 +329,8 @@ def network_by_backend(image_path, checkpoint, dataset, cache_dir, rounds):
     spreads over all of them; and each backend's label agreement with torch on that crop."""
     sys.path.insert(0, str(ROOT))
     from schp.data.catalog import DATASETS
-    from schp.data.simple_extractor_dataset import prepare_image, read_image
+    from schp.data.crop import prepare_image
+    from schp.data.decode import read_image
     from schp.backends import BACKENDS, BackendError
     from schp.checkpoint import read_state_dict
     from schp.inference import HumanParser

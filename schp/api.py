@@ -97,7 +97,7 @@ def to_bgr(image, color: Optional[str] = None) -> np.ndarray:
     order `color` ('bgr' or 'rgb') must name. TypeError / ValueError with a sentence for anything else.
     """
     if isinstance(image, (str, os.PathLike)):
-        from schp.data.simple_extractor_dataset import ImageError, read_image
+        from schp.data.decode import ImageError, read_image
         try:
             return read_image(Path(image))
         except ImageError as err:

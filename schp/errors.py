@@ -35,3 +35,11 @@ class SetupError(SCHPError):
     """A problem found before any work (arguments, folders, checkpoint, device): nothing was started."""
 
     exit_code = EXIT_SETUP
+
+
+def describe_exception(err: BaseException) -> str:
+    """One line for an unexpected exception: its type and the first line of its message (OpenCV's
+    assertion text comes last, on its own line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = next((line for line in lines if "error:" in line), lines[0] if lines else "")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

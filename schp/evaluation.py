@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from schp.data.labelled import IGNORE_LABEL, Sample, label_problem, list_samples, read_ids, read_label
-from schp.data.simple_extractor_dataset import IMAGE_EXTENSIONS, ImageError, prepare_image, read_image
+from schp.data.crop import prepare_image
+from schp.data.decode import IMAGE_EXTENSIONS, ImageError, read_image
 from schp.inference import HumanParser
 from schp.utils.outputs import save_label_png
 from schp.utils.palette import get_palette

@@ -84,7 +84,8 @@ def check_options(fmt: str, precision: str, outputs: str, opset: int) -> None:
 
 def sample_crop(spec: DatasetSpec) -> torch.Tensor:
     """1 x 3 x in_h x in_w normalised crop of the demo image, as the extractor feeds the network."""
-    from schp.data.simple_extractor_dataset import prepare_image, read_image
+    from schp.data.crop import prepare_image
+    from schp.data.decode import read_image
     from schp.inference import MEAN_BGR, STD_BGR
 
     crop = prepare_image(0, read_image(DEMO_IMAGE), spec.input_size).image

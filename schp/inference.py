@@ -197,7 +197,7 @@ class HumanParser:
 
         With `with_logits`, (labels, logits) pairs where logits are H x W x C float32.
         """
-        from schp.data.simple_extractor_dataset import prepare_image
+        from schp.data.crop import prepare_image
 
         items = [prepare_image(i, image, self.spec.input_size) for i, image in enumerate(images)]
         if not items:

@@ -25,8 +25,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from schp.data.simple_extractor_dataset import (DEFAULT_MAX_PIXELS, ImageError, Prepared, SimpleFolderDataset,
-                                               collate_prepared, describe_exception, read_image)
+from schp.data.crop import Prepared, SimpleFolderDataset, collate_prepared
+from schp.data.decode import DEFAULT_MAX_PIXELS, ImageError, read_image
+from schp.errors import describe_exception
 from schp.cli import raise_keyboard_interrupt
 from schp.inference import HumanParser, labels_from_logits
 from schp.utils.outputs import (integratedpifu_codes, npy_memmap, remove_stale_temporaries, save_label_png,

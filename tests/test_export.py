@@ -17,7 +17,7 @@ from PIL import Image
 
 from schp.commands import export as export_cli
 from schp.data.catalog import DATASETS
-from schp.data.simple_extractor_dataset import prepare_image
+from schp.data.crop import prepare_image
 from schp.networks.ce2p import BinAverage
 from schp.checkpoint import read_state_dict
 from schp.inference import HumanParser, labels_from_logits

@@ -13,7 +13,7 @@ import pytest
 import corpus
 from conftest import ROOT
 from schp.data.catalog import DATASETS
-from schp.data.simple_extractor_dataset import ImageError, read_image
+from schp.data.decode import ImageError, read_image
 from schp.utils.palette import class_colors
 
 README = (ROOT / "README.md").read_text()

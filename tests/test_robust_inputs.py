@@ -11,7 +11,8 @@ from PIL import Image
 
 import corpus
 from schp.commands import extract as simple_extractor
-from schp.data.simple_extractor_dataset import ImageError, SimpleFolderDataset, read_image
+from schp.data.crop import SimpleFolderDataset
+from schp.data.decode import ImageError, read_image
 
 
 def files_under(folder):
@@ -59,7 +60,7 @@ def test_a_device_with_an_image_name_is_refused_not_read(tmp_path):
 
 
 def test_any_failure_while_preparing_an_input_fails_only_that_input(tmp_path, monkeypatch):
-    import schp.data.simple_extractor_dataset as sed
+    import schp.data.crop as sed
     paths = [corpus.make_good_jpg(tmp_path), corpus.make_wide_png(tmp_path), corpus.make_grey_png(tmp_path)]
     items = [SimpleFolderDataset(paths, (64, 64))[i] for i in range(3)]
     assert items[0].error is None and items[2].error is None
@@ -73,7 +74,7 @@ def test_any_failure_while_preparing_an_input_fails_only_that_input(tmp_path, mo
 
 
 def test_jpeg_with_trailing_data_is_accepted_and_every_cut_refused(tmp_path):
-    from schp.data.simple_extractor_dataset import jpeg_layout
+    from schp.data.decode import jpeg_layout
     motion = corpus.make_motion_photo_jpg(tmp_path)
     data = motion.read_bytes()
     assert corpus.jpeg_is_truncated(data)  # the byte search the old check used calls it truncated
@@ -145,7 +146,7 @@ def test_an_unexpected_failure_of_the_run_still_writes_summary_and_manifest(run_
 
 
 def test_cli_default_pixel_limit_is_the_readers(capsys):
-    from schp.data.simple_extractor_dataset import DEFAULT_MAX_PIXELS
+    from schp.data.decode import DEFAULT_MAX_PIXELS
     assert simple_extractor.parse_args([]).max_pixels == DEFAULT_MAX_PIXELS
     assert run_main("--input-dir", ".", "--output-dir", "x", "--max-pixels", "-1") == 2
     assert capsys.readouterr().err.strip() == "error: --max-pixels must be >= 0 (0 = no limit)"

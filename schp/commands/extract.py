@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 
 from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError, raise_keyboard_interrupt
 
-DEFAULT_MAX_PIXELS = 200_000_000  # = datasets.simple_extractor_dataset.DEFAULT_MAX_PIXELS (not imported: heavy)
+DEFAULT_MAX_PIXELS = 200_000_000  # = schp.data.decode.DEFAULT_MAX_PIXELS (not imported: heavy)
 NOT_IMAGE_LINES = 5  # without --quiet, non-image files named one a line up to this many, then counted
 
 
@@ -127,7 +127,7 @@ def parse_shard(text: Optional[str]):
 
 
 def plan_folder(args, spec) -> Plan:
-    from schp.data.simple_extractor_dataset import list_images
+    from schp.data.listing import list_images
     from schp.runner import Task
     from schp.video import is_video_name, video_task
 
@@ -459,7 +459,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except (KeyboardInterrupt, Exception) as err:  # last resort: the run's own handling was bypassed
         interrupted = isinstance(err, KeyboardInterrupt)
         if not interrupted:
-            from schp.data.simple_extractor_dataset import describe_exception
+            from schp.errors import describe_exception
             print(f"error: the run failed unexpectedly: {describe_exception(err)}", file=sys.stderr)
         report = RunReport([Outcome(task, "not-run") for task in plan.tasks], interrupted=interrupted,
                            stopped_reason=None if interrupted else "unexpected error",

@@ -85,7 +85,7 @@ def make_source(args, names: List[str], device):
 
 
 def plan(args):
-    from schp.data.simple_extractor_dataset import list_images
+    from schp.data.listing import list_images
     from schp.multi_person.outputs import output_paths
     from schp.multi_person.pipeline import ImageTask
 

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from schp.data.augment import augment, whole_image_crop
 from schp.data.labelled import LabelledDataError, Sample, label_problem, list_samples, read_label
-from schp.data.simple_extractor_dataset import ImageError, read_image
+from schp.data.decode import ImageError, read_image
 from schp.utils.transforms import MEAN_BGR, STD_BGR
 
 AUGMENTED_SPLITS = ("train", "trainval")

@@ -16,7 +16,7 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from schp.data.simple_extractor_dataset import ImageError, read_image
+from schp.data.decode import ImageError, read_image
 from schp.inference import HumanParser
 from schp.multi_person.fusion import fuse, nobody
 from schp.multi_person.instances import InstanceError
