@@ -72,7 +72,8 @@ def test_gpu_postprocessing_path_matches_the_original_on_the_cpu(checkpoints, tm
     from schp.data.catalog import DATASETS
     from schp.checkpoint import read_state_dict
     from schp.inference import HumanParser
-    from schp.runner import Runner, Task
+    from schp.runs.loop import run
+    from schp.runs.parsing import ImageTask as Task, ParseJob
 
     parser = HumanParser(DATASETS["pascal"], read_state_dict(checkpoints("pascal")), torch.device("cpu"),
                          postprocess_on_device=True)
@@ -80,7 +81,7 @@ def test_gpu_postprocessing_path_matches_the_original_on_the_cpu(checkpoints, tm
     small = DATA / "cases" / "pascal_small_odd" / "in"
     tasks = [Task(image, "demo", png=tmp_path / "demo.png")] + \
             [Task(p, p.name, png=tmp_path / f"{p.stem}.png") for p in small.iterdir()]
-    report = Runner(parser, get_palette(7), batch_size=2, num_workers=0, quiet=True).run(tasks)
+    report = run(ParseJob(parser, get_palette(7), batch_size=2, num_workers=0), tasks)
     assert report.count("processed") == 2
     assert (np.array(Image.open(tmp_path / "demo.png")) == demo_expected()).mean() >= 0.9999
     small_expected = np.array(Image.open(DATA / "cases" / "pascal_small_odd" / "expected.png"))
