@@ -1,0 +1,76 @@
+"""`evaluate.py --multi-person`: score multi_person.py's outputs on the CIHP / VIP layout.
+
+Prints one line per metric and the per-class IoU table on stdout, one `error: <file>: <reason>` line per
+input left out on stderr. Exit codes: 0 all scored, 1 some input left out (or none scored),
+2 usage or set-up error, 130 interrupted.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="evaluate.py --multi-person",
+        description="Multi-person evaluation: mIoU of the global parsing, AP^r of the part instances "
+                    "(CIHP's protocol), AP^h of the persons, identity switches in videos.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--multi-person", action="store_true", required=True, help="this mode")
+    p.add_argument("--data-dir", required=True,
+                   help="ground truth in the CIHP layout: Category_ids/, Human_ids/, Instance_ids/ (VIP: one "
+                        "subfolder per video in each)")
+    p.add_argument("--pred-dir", required=True,
+                   help="multi_person.py's output folder: global_parsing/, instance_parsing/ (+ .txt), "
+                        "instance_segmentation/ or global_tag/; for videos one such folder per video")
+    p.add_argument("--id-list", default=None, metavar="FILE",
+                   help="ids, videos or <video>/<frame> to score, one per line; default the only *_id.txt in "
+                        "--data-dir, else everything in Category_ids/")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="refuse maps declaring more pixels than this; default 200000000, 0 = no limit")
+    p.add_argument("--summary", default=None, metavar="PATH", help="write the metrics as JSON")
+    p.add_argument("--quiet", action="store_true", help="accepted for symmetry with evaluate.py (no progress bar)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from schp.multi_person.evaluation import DEFAULT_MAX_PIXELS, MultiPersonDataError, evaluate_multi_person
+    from utils.outputs import atomic_path
+
+    if args.max_pixels is not None and args.max_pixels < 0:
+        print("error: --max-pixels must be >= 0", file=sys.stderr)
+        return EXIT_SETUP
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
+
+    def say(path: str, reason: str) -> None:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+
+    try:
+        result = evaluate_multi_person(args.data_dir, args.pred_dir, args.id_list, max_pixels=max_pixels,
+                                       on_error=say)
+    except MultiPersonDataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SETUP
+    except KeyboardInterrupt:
+        print("interrupted: no metrics written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print("\n".join(result.lines()))
+    print(f"{result.images} images scored, {len(result.failed)} left out", file=sys.stderr)
+    if result.images == 0:
+        print("error: no image could be scored", file=sys.stderr)
+    if args.summary:
+        fields = {**result.as_dict(), "mode": "multi-person", "data_dir": str(args.data_dir),
+                  "pred_dir": str(args.pred_dir), "id_list": args.id_list}
+        try:
+            path = Path(args.summary)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(fields, indent=1, ensure_ascii=False) + "\n")
+        except OSError as err:
+            print(f"error: cannot write --summary {args.summary}: {err.strerror or err}", file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_FAILED if result.failed or result.images == 0 else EXIT_OK
