@@ -241,8 +241,10 @@ def test_vip_video_identity_switches(tmp_path, capsys):
             persons = np.zeros((12, 16), np.uint8)
             persons[2:10, 1:7], persons[2:10, 9:15] = left, right
             save(persons, pred / video / "instance_segmentation" / f"{frame}.png")
+            # v1: line k is person k; v2: one line per person present (ids 3, 5: the 1st and 2nd lines)
+            lines = int(persons.max()) if video == "v1" else len(np.unique(persons)) - 1
             (pred / video / "instance_segmentation" / f"{frame}.txt").write_text(
-                "".join(f"1 {0.5 + k / 100}\n" for k in range(1, int(persons.max()) + 1)))
+                "".join(f"1 {0.5 + k / 100}\n" for k in range(1, lines + 1)))
     items = list_items(data)  # no id list: every video folder of Category_ids, frames sorted
     assert [i.key for i in items] == ["v1/000001", "v1/000002", "v1/000003", "v1/000004", "v2/000001",
                                       "v2/000002"]

@@ -32,7 +32,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="refuse maps declaring more pixels than this; default 200000000, 0 = no limit")
     p.add_argument("--summary", default=None, metavar="PATH", help="write the metrics as JSON")
-    p.add_argument("--quiet", action="store_true", help="accepted for symmetry with evaluate.py (no progress bar)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -46,18 +46,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_SETUP
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
 
+    from tqdm import tqdm
+    bar = tqdm(unit="img", file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
+
     def say(path: str, reason: str) -> None:
-        print(f"error: {path}: {reason}", file=sys.stderr)
+        tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
+        bar.update(1)
 
     try:
         result = evaluate_multi_person(args.data_dir, args.pred_dir, args.id_list, max_pixels=max_pixels,
-                                       on_error=say)
+                                       on_error=say, on_item=lambda item: bar.update(1))
     except MultiPersonDataError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_SETUP
     except KeyboardInterrupt:
         print("interrupted: no metrics written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        bar.close()
     print("\n".join(result.lines()))
     print(f"{result.images} images scored, {len(result.failed)} left out", file=sys.stderr)
     if result.images == 0:

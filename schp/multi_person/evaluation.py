@@ -5,7 +5,7 @@ per pixel), `Instance_ids/<id>.png` (part instance per pixel); for VIP one subfo
 (`Category_ids/<video>/<frame>.png`). Predictions under `pred_dir` as multi_person.py (and the released
 extension) writes them: `global_parsing/<id>.png` (classes), `instance_parsing/<id>.png` (part ids) with
 `<id>.txt` (line j = "class score" of part j), and a person map: `instance_segmentation/<id>.png` with
-`<id>.txt` (line k = "class score" of person k), else `global_tag/<id>.png` with `<id>.txt` (one
+`<id>.txt` (line k = "class score" of person k, or of the k-th id present), else `global_tag/<id>.png` with `<id>.txt` (one
 "score Y0 X0 Y1 X1" line per person present, in ascending id order). Videos: `pred_dir/<video>/<folder>/`.
 
 Metrics, all in percent:
@@ -22,8 +22,10 @@ The reference protocol's quirks that change numbers are kept:
 - a prediction is a true positive when that IoU is strictly greater than the threshold;
 - the class of a predicted part is its txt line's, not the global parsing's; map ids without a line are
   ignored, as are lines of class 0 or of no class;
-- ranking by `np.argsort(scores)[::-1]`: among equal scores the later ones (in id-list order, then line
-  order) usually come first;
+- ranking by the reversed ascending sort of the scores: among equal scores the later prediction (in
+  id-list order, then line order) comes first (the reference's `np.argsort(scores)[::-1]`, made stable:
+  NumPy's default sort keeps ties in order for short lists only, so the reference's own order for many
+  ties depends on the NumPy build);
 - AP = area under the precision envelope (continuous VOC), recall over all ground-truth instances;
 - every class 1..C-1 enters the mean, a class with neither instances nor predictions at AP 0.
 Fixed, because the reference only crashed or gave NaN there:
@@ -210,6 +212,20 @@ def read_tag_scores(path: Path, person_ids: Sequence[int]) -> Dict[int, float]:
         raise InputError(path, "a line does not start with a score") from None
 
 
+def person_line_scores(path: Path, persons: np.ndarray) -> Dict[int, float]:
+    """{person id: score} from an instance_segmentation txt ("class score" lines): line k is person k,
+    or, when there are exactly as many lines as persons present but fewer than the largest id (ids
+    kept through a video), the k-th line is the k-th smallest id present."""
+    rows = read_part_scores(path)
+    ids = [int(k) for k in np.unique(persons) if k]
+    if not ids or len(rows) >= ids[-1]:
+        return {k: rows[k - 1][1] for k in ids}
+    if len(rows) == len(ids):
+        return {k: row[1] for k, row in zip(ids, rows)}
+    raise InputError(path, f"{len(rows)} score lines for persons {', '.join(map(str, ids[:5]))}"
+                           f"{' ...' if len(ids) > 5 else ''} in the map")
+
+
 # ----------------------------------------------------------------------------- the id list
 def list_items(data_dir: Path, id_list: Optional[Path] = None) -> List[Item]:
     """The items to score, in id-list order. The list is `id_list`, else the only `*_id.txt` in
@@ -306,7 +322,7 @@ class APAccumulator:
         for c in range(1, self.num_classes):
             if not self.scores[c] or self.gt_count[c] == 0:
                 continue  # no prediction, or no instance to find: AP 0
-            order = np.argsort(self.scores[c])[::-1]
+            order = np.argsort(self.scores[c], kind="stable")[::-1]
             best = np.asarray(self.best[c])[order]
             for k, t in enumerate(self.thresholds):
                 hit = best > t
@@ -390,7 +406,7 @@ def _load(data_dir: Path, pred_dir: Path, item: Item, num_classes: int, max_pixe
             ids = [int(k) for k in np.unique(persons_pred) if k]
             person_scores = read_tag_scores(persons_path.with_suffix(".txt"), ids)
         else:
-            person_scores = {k: s for k, (_, s) in enumerate(read_part_scores(persons_path.with_suffix(".txt")), 1)}
+            person_scores = person_line_scores(persons_path.with_suffix(".txt"), persons_pred)
     shape = classes_gt.shape
     for path, values in ((data_dir / "Human_ids" / rel.with_suffix(".png"), persons_gt),
                          (data_dir / "Instance_ids" / rel.with_suffix(".png"), parts_gt),
