@@ -3,7 +3,6 @@ script on a synthetic CIHP-layout set, a worked example computed by hand, the re
 fixes, bad inputs, identity switches in a VIP-layout video, and multi_person.py's outputs end to end."""
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import cv2
@@ -13,10 +12,8 @@ import torch
 from PIL import Image
 
 import evaluate  # noqa: E402
-import multi_person  # noqa: E402
 from cihp_eval_data import build_cihp_set  # noqa: E402
-from schp.multi_person.evaluation import (APAccumulator, MultiPersonDataError, evaluate_multi_person,  # noqa: E402
-                                          list_items)
+from schp.multi_person.evaluation import APAccumulator, evaluate_multi_person, list_items  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -119,6 +116,9 @@ def test_worked_example(tmp_path):
     assert result.iou[0] == pytest.approx(100 / 3) and result.iou[2] == pytest.approx(100 / 3)
     assert result.mean_iou == pytest.approx(2 * 100 / 3 / 20)
     assert result.id_switches is None and result.videos == 0
+    tags = pred / "global_tag" / "a.txt"
+    tags.write_text(tags.read_text() * 2)  # the original appended to it on a rerun: the first lines count
+    assert evaluate_multi_person(data, pred).person_ap == result.person_ap
 
 
 def test_reference_crashes_fixed(tmp_path):
@@ -216,6 +216,9 @@ def test_set_up_errors_exit_2(tmp_path, capsys, cihp_set):
     code, _, err = run_eval(capsys, "--data-dir", cihp_set[0], "--pred-dir", cihp_set[1], "--id-list",
                             tmp_path / "empty.txt")
     assert code == 2 and "nothing to score" in err
+    with pytest.raises(SystemExit) as stop:  # multi_person.py's options only with --run-multi-person
+        run_eval(capsys, "--data-dir", cihp_set[0], "--pred-dir", cihp_set[1], "--instances", "masks", "x")
+    assert stop.value.code == 2 and "unrecognized arguments: --instances masks x" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- videos
@@ -275,9 +278,9 @@ def cihp_checkpoints(tmp_path_factory):
 
 
 def test_multi_person_outputs_end_to_end(tmp_path, capsys, cihp_checkpoints):
-    """The group photo at 240x180 with the released extension's own maps as ground truth; multi_person.py
-    --instances masks (two of the four persons) parses it; evaluate.py --multi-person scores its output
-    folder. The mIoU equals a direct count of the two PNGs; at most half the persons can be found."""
+    """The group photo at 240x180 with the released extension's own maps as ground truth;
+    evaluate.py --multi-person --run-multi-person runs multi_person.py --instances masks (two of the four
+    persons) on it, then scores its output folder. The mIoU equals a direct count of the two PNGs; at most half the persons can be found."""
     data, masks, out = tmp_path / "CIHP", tmp_path / "masks", tmp_path / "out"
     size = (240, 180)
     image = cv2.resize(cv2.imread(str(DATA / "group.jpg")), size, interpolation=cv2.INTER_AREA)
@@ -290,14 +293,13 @@ def test_multi_person_outputs_end_to_end(tmp_path, capsys, cihp_checkpoints):
     humans = np.array(Image.open(data / "Human_ids" / "group.png"))
     save(np.where(humans <= 2, humans, 0), masks / "group.png")  # two of the four found: fewer crops to parse
     (data / "val_id.txt").write_text("group\n")
-    code = multi_person.main(["--input-dir", str(data / "Images"), "--output-dir", str(out), "--instances", "masks",
-                              str(masks), "--global-restore", str(cihp_checkpoints[0]), "--local-restore",
-                              str(cihp_checkpoints[1]), "--input-size", "96,96", "--device", "cpu", "--quiet",
-                              "--no-overlay"])
-    assert code == 0, capsys.readouterr().err
-    capsys.readouterr()
-    code, printed, err = run_eval(capsys, "--data-dir", data, "--pred-dir", out, "--summary", tmp_path / "s.json")
+    code, printed, err = run_eval(capsys, "--data-dir", data, "--pred-dir", out, "--summary", tmp_path / "s.json",
+                                  "--run-multi-person", "--instances", "masks", masks, "--global-restore",
+                                  cihp_checkpoints[0], "--local-restore", cihp_checkpoints[1], "--input-size",
+                                  "96,96", "--device", "cpu", "--no-overlay", "--quiet")
     assert code == 0, err
+    for name in ("global_parsing/group.png", "instance_parsing/group.txt", "global_tag/group.png"):
+        assert (out / name).is_file()  # written by multi_person.py
     summary = json.loads((tmp_path / "s.json").read_text())
     gt = np.array(Image.open(data / "Category_ids" / "group.png")).astype(int)
     pr = np.array(Image.open(out / "global_parsing" / "group.png")).astype(int)

@@ -1,16 +1,20 @@
 """`evaluate.py --multi-person`: score multi_person.py's outputs on the CIHP / VIP layout.
 
 Prints one line per metric and the per-class IoU table on stdout, one `error: <file>: <reason>` line per
-input left out on stderr. Exit codes: 0 all scored, 1 some input left out (or none scored),
-2 usage or set-up error, 130 interrupted.
+input left out on stderr. With --run-multi-person it first runs multi_person.py on <data-dir>/Images.
+Exit codes: 0 all scored, 1 some input left out or not parsed (or none scored), 2 usage or set-up error,
+130 interrupted.
 """
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP
+
+MULTI_PERSON = Path(__file__).resolve().parents[2] / "multi_person.py"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -18,7 +22,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         prog="evaluate.py --multi-person",
         description="Multi-person evaluation: mIoU of the global parsing, AP^r of the part instances "
                     "(CIHP's protocol), AP^h of the persons, identity switches in videos.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--multi-person", action="store_true", required=True, help="this mode")
     p.add_argument("--data-dir", required=True,
                    help="ground truth in the CIHP layout: Category_ids/, Human_ids/, Instance_ids/ (VIP: one "
@@ -33,7 +37,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="refuse maps declaring more pixels than this; default 200000000, 0 = no limit")
     p.add_argument("--summary", default=None, metavar="PATH", help="write the metrics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    p.add_argument("--run-multi-person", action="store_true",
+                   help="first run multi_person.py on <data-dir>/Images into --pred-dir (images already done "
+                        "there are kept); every option this mode does not know goes to multi_person.py, e.g. "
+                        "--instances masks DIR --global-restore G --local-restore L")
+    args, extra = p.parse_known_args(argv)
+    if extra and not args.run_multi_person:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.multi_person_args = extra
+    return args
+
+
+def run_multi_person(args) -> int:
+    """multi_person.py in a child process (the command, not its internals), its lines passed through."""
+    command = [sys.executable, str(MULTI_PERSON), "--input-dir", str(Path(args.data_dir) / "Images"),
+               "--output-dir", str(args.pred_dir)] + list(args.multi_person_args)
+    if args.quiet:
+        command.append("--quiet")
+    try:
+        return subprocess.run(command).returncode
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -45,6 +69,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: --max-pixels must be >= 0", file=sys.stderr)
         return EXIT_SETUP
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
+    parsed_ok = True
+    if args.run_multi_person:
+        code = run_multi_person(args)
+        if code in (EXIT_SETUP, EXIT_INTERRUPTED) or code < 0:
+            print(f"error: multi_person.py stopped (exit {code}): nothing scored", file=sys.stderr)
+            return EXIT_INTERRUPTED if code in (EXIT_INTERRUPTED, -2) else EXIT_SETUP
+        parsed_ok = code == EXIT_OK  # 1: some images failed; what was written is scored
 
     from tqdm import tqdm
     bar = tqdm(unit="img", file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
@@ -79,4 +110,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except OSError as err:
             print(f"error: cannot write --summary {args.summary}: {err.strerror or err}", file=sys.stderr)
             return EXIT_FAILED
-    return EXIT_FAILED if result.failed or result.images == 0 else EXIT_OK
+    return EXIT_FAILED if result.failed or result.images == 0 or not parsed_ok else EXIT_OK
