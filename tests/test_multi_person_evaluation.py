@@ -251,6 +251,8 @@ def test_vip_video_identity_switches(tmp_path, capsys):
     items = list_items(data)  # no id list: every video folder of Category_ids, frames sorted
     assert [i.key for i in items] == ["v1/000001", "v1/000002", "v1/000003", "v1/000004", "v2/000001",
                                       "v2/000002"]
+    (data / "one.txt").write_text("v2/000002\n")
+    assert [(i.video, i.frame) for i in list_items(data, data / "one.txt")] == [("v2", "000002")]
     (data / "val_videos.txt").write_text("v1\nv2\n")
     code, out, err = run_eval(capsys, "--data-dir", data, "--pred-dir", pred, "--id-list",
                               data / "val_videos.txt", "--summary", tmp_path / "s.json")
