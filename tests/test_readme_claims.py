@@ -66,10 +66,9 @@ def command_parser(module, monkeypatch):
     def catch(self, args=None, namespace=None):
         raise Caught(self)
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
-    with pytest.raises(Caught) as caught:
+    with monkeypatch.context() as patch, pytest.raises(Caught) as caught:
+        patch.setattr(argparse.ArgumentParser, "parse_args", catch)
         module.parse_args([])
-    monkeypatch.undo()
     return caught.value.args[0]
 
 
