@@ -93,7 +93,7 @@ def test_bf16_runs_close_to_fp32_and_fp16_needs_cuda(checkpoints, run_cli, tmp_p
     code, _, _ = run_cli(*args, "--output-dir", tmp_path / "bf16", "--precision", "bf16", "--device", "cpu")
     assert code == 0
     agreement = (np.array(Image.open(tmp_path / "bf16" / "demo.png")) == demo_expected()).mean()
-    # measured 0.885 on this synthetic checkpoint (README); a broken bf16 path lands far lower
+    # measured 0.885 on this synthetic checkpoint (docs/fidelity.md); a broken bf16 path lands far lower
     assert agreement > 0.85, agreement
     code, _, err = run_cli(*args, "--output-dir", tmp_path / "fp16", "--precision", "fp16", "--device", "cpu")
     assert code == 2 and "fp16 needs a CUDA device" in err
