@@ -54,8 +54,13 @@ def run_multi_person(args) -> int:
                "--output-dir", str(args.pred_dir)] + list(args.multi_person_args)
     if args.quiet:
         command.append("--quiet")
+    import os
+
+    import schp
+    home = str(Path(schp.__file__).resolve().parents[1])  # where this schp is importable from (checkout or site)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")])))
     try:
-        return subprocess.run(command).returncode
+        return subprocess.run(command, env=env).returncode
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 
