@@ -328,10 +328,9 @@ class MultiPersonRun:
 def prepare_multi_person(input_dir: PathLike, output_dir: PathLike, **options) -> MultiPersonRun:
     """Check the options and plan the run (no model loaded)."""
     o = MultiPersonOptions(**options)
-    if o.batch_size < 1:
-        raise SetupError("must be >= 1", "batch_size", o.batch_size)
-    if o.num_workers < 0:
-        raise SetupError("must be >= 0", "num_workers", o.num_workers)
+    if o.batch_size < 1 or o.num_workers < 0:
+        raise SetupError("{batch_size} must be >= 1 and {num_workers} >= 0",
+                         mentions={"batch_size": ..., "num_workers": ...})
     from schp.data.catalog import MULTI_PERSON
     from schp.data.label_map import resolve_label_map
     label_map = resolve_label_map(o.label_map, MULTI_PERSON["global"].labels)

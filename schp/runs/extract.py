@@ -47,14 +47,13 @@ class ExtractOptions:
     quiet: bool = False  # fewer lines about skipped non-image files
 
     def check(self) -> None:
-        if self.batch_size < 1:
-            raise SetupError("must be >= 1", "batch_size", self.batch_size)
-        if self.num_workers < 0:
-            raise SetupError("must be >= 0", "num_workers", self.num_workers)
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise SetupError("{batch_size} must be >= 1 and {num_workers} >= 0",
+                             mentions={"batch_size": ..., "num_workers": ...})
         if self.every < 1:
-            raise SetupError("must be >= 1", "every", self.every)
+            raise SetupError("{every} must be >= 1", mentions={"every": ...})
         if self.max_pixels < 0:
-            raise SetupError("must be >= 0 (0 = no limit)", "max_pixels", self.max_pixels)
+            raise SetupError("{max_pixels} must be >= 0 (0 = no limit)", mentions={"max_pixels": ...})
         if self.shard is not None:
             index, count = self.shard
             if not 1 <= index <= count:
@@ -116,7 +115,8 @@ def check_output_dir(output_dir: Optional[PathLike]) -> None:
     blocker = next((q for q in (out, *out.parents) if q.exists() or q.is_symlink()), None)
     if blocker is not None and not blocker.is_dir():
         what = "it" if blocker == out else str(blocker)
-        raise SetupError(f"cannot write there: not a folder ({what} is a file)", "output_dir", str(out))
+        raise SetupError(f"cannot write to {{output_dir}}: not a folder ({what} is a file)",
+                         mentions={"output_dir": str(out)})
 
 
 def plan_folder(input_dir: PathLike, output_dir: PathLike, options: ExtractOptions) -> Plan:
