@@ -44,3 +44,17 @@ def emit(lines: Iterable[str]) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+
+
+def interruptible(body, argv) -> int:
+    """Run a command's body with SIGTERM and SIGHUP acting as Ctrl-C from the first second on; a stop
+    before any input (download, model build) is one line and exit 130."""
+    from schp.errors import EXIT_INTERRUPTED
+    from schp.runs.loop import stop_signals_as_interrupt
+
+    with stop_signals_as_interrupt():
+        try:
+            return body(argv)
+        except KeyboardInterrupt:
+            print("interrupted before any input was processed", file=sys.stderr)
+            return EXIT_INTERRUPTED

@@ -10,7 +10,7 @@ import re
 import sys
 from typing import Optional, Sequence
 
-from schp.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError
+from schp.errors import EXIT_OK, EXIT_SETUP, SetupError
 
 DEFAULT_MAX_PIXELS = 200_000_000  # = schp.data.decode.DEFAULT_MAX_PIXELS (not imported: heavy)
 
@@ -139,13 +139,8 @@ def run_options(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from schp.runs.loop import stop_signals_as_interrupt
-    with stop_signals_as_interrupt():  # SIGTERM and SIGHUP act as Ctrl-C from the first second on
-        try:
-            return _main(argv)
-        except KeyboardInterrupt:  # during start-up: download, conversion, model build
-            print("interrupted before any input was processed", file=sys.stderr)
-            return EXIT_INTERRUPTED
+    from schp.commands.console import interruptible
+    return interruptible(_main, argv)
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from schp.cli import EXIT_INTERRUPTED, SetupError, parse_input_size
+from schp.cli import SetupError, parse_input_size
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -93,13 +93,8 @@ def run_options(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from schp.runs.loop import stop_signals_as_interrupt
-    with stop_signals_as_interrupt():
-        try:
-            return _main(argv)
-        except KeyboardInterrupt:
-            print("interrupted before any input was processed", file=sys.stderr)
-            return EXIT_INTERRUPTED
+    from schp.commands.console import interruptible
+    return interruptible(_main, argv)
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:

@@ -16,13 +16,13 @@ from schp.data.decode import ImageError, read_image
 from schp.errors import SCHPError, SetupError
 from schp.multi_person.instances import InstanceError
 from schp.multi_person.nms import EXPAND_RATIO, MAX_PERSONS, OVERLAP_THRESHOLD, SCORE_THRESHOLD, select_people
-from schp.runs.loop import Job, Reporter, RunReport, Unit, stop_signals_held
+from schp.runs.loop import Job, Reporter, RunReport, Task, Unit, stop_signals_held
 
 PathLike = Union[str, os.PathLike]
 
 
 @dataclass
-class ImageTask:
+class ImageTask(Task):
     source: Path
     name: str
     paths: Dict[str, Path]  # kind of output -> file (schp.multi_person.outputs.output_paths)
@@ -31,14 +31,6 @@ class ImageTask:
     @property
     def outputs(self) -> List[Path]:
         return list(self.paths.values())
-
-    def is_done(self) -> bool:
-        return all(p.exists() for p in self.paths.values())
-
-    def plan(self, overwrite: bool) -> str:
-        if self.refusal:
-            return "fail"
-        return "skip" if not overwrite and self.is_done() else "process"
 
 
 @dataclass

@@ -27,7 +27,7 @@ from schp.data.decode import DEFAULT_MAX_PIXELS, read_image
 from schp.data.label_map import LabelMap
 from schp.errors import SCHPError
 from schp.inference import HumanParser, labels_from_logits
-from schp.runs.loop import Job, Unit
+from schp.runs.loop import Job, Task, Unit
 from schp.runs.workers import start_workers, stop_workers, worker_init
 from schp.utils.outputs import (atomic_path, blend_overlay, colorize_bgr, integratedpifu_codes, npy_memmap,
                                 save_label_png, save_npy, save_overlay)
@@ -46,7 +46,7 @@ class VideoError(SCHPError):
 
 
 @dataclass
-class ImageTask:
+class ImageTask(Task):
     """One input image and the outputs it should produce (None = not asked for)."""
     source: Path
     name: str  # how messages name the input (relative to the input root)
@@ -60,19 +60,10 @@ class ImageTask:
     def outputs(self) -> List[Path]:
         return [p for p in (self.png, self.codes, self.logits, self.overlay) if p is not None]
 
-    def is_done(self) -> bool:
-        return all(p.exists() for p in self.outputs)
-
-    def plan(self, overwrite: bool) -> str:
-        """What a run does with this task: "fail" (refused), "skip" (outputs exist) or "process"."""
-        if self.refusal:
-            return "fail"
-        return "skip" if not overwrite and self.is_done() else "process"
-
 
 @dataclass
-class VideoTask:
-    """One video file and its outputs; `plan` and `outputs` as for an ImageTask."""
+class VideoTask(Task):
+    """One video file and its outputs."""
     source: Path
     name: str
     frames: Path  # folder of frame_NNNNNN.png maps (and .npy logits)
@@ -100,11 +91,6 @@ class VideoTask:
             names = set(os.listdir(self.frames)) if self.frames.is_dir() else set()
             return all(n[:-4] + ".npy" in names for n in names if n.startswith("frame_") and n.endswith(".png"))
         return True
-
-    def plan(self, overwrite: bool) -> str:
-        if self.refusal:
-            return "fail"
-        return "skip" if not overwrite and self.is_done() else "process"
 
 
 def video_task(input_dir: Path, output_dir: Path, rel: Path, logits: bool, overlay: bool,
