@@ -11,10 +11,8 @@ EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 _UNSET = object()
 
 
-class SCHPError(Exception):
+class _AboutParameter:
     """One sentence for the user; `parameter` / `value` name what was wrong where a caller passed it."""
-
-    exit_code = EXIT_FAILED
 
     def __init__(self, reason: str, parameter: Optional[str] = None, value: Any = _UNSET):
         self.reason, self.parameter, self.value = reason, parameter, value
@@ -31,10 +29,25 @@ class SCHPError(Exception):
         return f"{shown}: {self.reason}"
 
 
+class SCHPError(_AboutParameter, Exception):
+    """The base of the engine's errors; `exit_code` is what a command ends with when it stops on one."""
+
+    exit_code = EXIT_FAILED
+
+
 class SetupError(SCHPError):
     """A problem found before any work (arguments, folders, checkpoint, device): nothing was started."""
 
     exit_code = EXIT_SETUP
+
+
+class ParameterError(SetupError, ValueError):
+    """A parameter value the engine cannot take (device, precision, scales, backend, ...); also a
+    ValueError, which is what Python callers catch for a bad argument."""
+
+
+class SCHPWarning(_AboutParameter, UserWarning):
+    """The engine's warnings (through `warnings.warn`); the commands show them as `warning: ...`."""
 
 
 def describe_exception(err: BaseException) -> str:

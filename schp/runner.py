@@ -28,7 +28,7 @@ from tqdm import tqdm
 from schp.data.crop import Prepared, SimpleFolderDataset, collate_prepared
 from schp.data.decode import DEFAULT_MAX_PIXELS, ImageError, read_image
 from schp.errors import describe_exception
-from schp.cli import raise_keyboard_interrupt
+from schp.signals import raise_keyboard_interrupt
 from schp.inference import HumanParser, labels_from_logits
 from schp.utils.outputs import (integratedpifu_codes, npy_memmap, remove_stale_temporaries, save_label_png,
                            save_npy, save_overlay)

@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from schp.cli import raise_keyboard_interrupt
+from schp.signals import raise_keyboard_interrupt
+from schp.errors import SCHPError
 from schp.runner import FATAL_WRITE_ERRNOS, Outcome, RunReport, describe_error
 from schp.utils.outputs import atomic_path, blend_overlay, colorize_bgr, remove_stale_temporaries, save_label_png, save_npy
 
@@ -36,7 +37,7 @@ def is_video_name(name: str) -> bool:
     return name.lower().endswith(VIDEO_EXTENSIONS)
 
 
-class VideoError(Exception):
+class VideoError(SCHPError):
     """A video that cannot be (fully) decoded or written; the message is the reason."""
 
 

@@ -23,7 +23,7 @@ from schp.multi_person.instances import InstanceError
 from schp.multi_person.nms import EXPAND_RATIO, OVERLAP_THRESHOLD, SCORE_THRESHOLD, MAX_PERSONS, select_people
 from schp.multi_person.outputs import instances_record, save_outputs
 from schp.multi_person.parsing import crop_images, image_logits
-from schp.cli import raise_keyboard_interrupt
+from schp.signals import raise_keyboard_interrupt
 from schp.runner import describe_error
 from schp.utils.outputs import remove_stale_temporaries
 
