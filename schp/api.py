@@ -7,13 +7,14 @@ own decode-crop-model-warp path. So a map from here equals, bit for bit, the PNG
 writes for the same image with the same options.
 """
 import os
-import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from schp.data.catalog import DATASETS, DatasetSpec
+from schp.errors import ParameterError
 
 COLORS = ("bgr", "rgb")
 Labels = np.ndarray  # H x W uint8 class indices
@@ -26,7 +27,8 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
 
     `checkpoint` None means checkpoints/<released file of spec> in the repository, downloaded when
     missing (a given path is downloaded only if it has the released file name). `options` go to
-    HumanParser (flip, scales, backend...). Raises CheckpointError or ValueError with one sentence.
+    HumanParser (flip, scales, backend...). Raises CheckpointError or ParameterError (a ValueError)
+    with one sentence naming the parameter; warns (SCHPWarning) where a setting is slow on this machine.
     """
     import torch
     from schp.checkpoint import default_checkpoint_dir
@@ -35,10 +37,10 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
     try:
         device = device if isinstance(device, torch.device) else select_device(str(device), gpu)
     except RuntimeError as err:  # torch.device("bogus")
-        raise ValueError(str(err)) from None
+        raise ParameterError(str(err).splitlines()[0], "device", device) from None
     warning = slow_bf16_warning(device, precision)
     if warning:
-        print(warning, file=sys.stderr)
+        warnings.warn(warning, stacklevel=2)
     given = checkpoint is not None
     path = Path(checkpoint) if given else default_checkpoint_dir() / spec.checkpoint
     return load_human_parser(spec, path, device, precision, allow_tf32=allow_tf32,
@@ -134,9 +136,9 @@ class SCHP:
         from schp.utils.palette import get_palette
 
         if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}: one of {', '.join(sorted(DATASETS))}")
+            raise ParameterError(f"unknown dataset, expected one of {', '.join(sorted(DATASETS))}", "dataset", dataset)
         if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+            raise ParameterError("must be >= 1", "batch_size", batch_size)
         self.spec = DATASETS[dataset]
         self.parser, self.checkpoint = load_parser(self.spec, checkpoint, device, None, precision, allow_tf32,
                                                    flip=flip, scales=scales, backend=backend)

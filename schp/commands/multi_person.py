@@ -12,13 +12,16 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError, parse_input_size
+from schp.commands import options
+from schp.commands.options import parse_input_size
+from schp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError
+
+FLAGS = {"checkpoint": "--global-restore / --local-restore"}  # the engine's parameters that are other flags here
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Multi-person human parsing: class, person and part maps per image (CIHP models).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = options.CommandParser(
+        description="Multi-person human parsing: class, person and part maps per image (CIHP models).")
     p.add_argument("--input-dir", required=True, help="folder of images")
     p.add_argument("--output-dir", required=True,
                    help="where global_parsing/, instance_parsing/, global_tag/, overlay/, instances/ go")
@@ -40,8 +43,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--local-restore", default=None,
                    help="local parser checkpoint; default checkpoints/exp_schp_multi_cihp_local.pth, "
                         "downloaded when missing")
-    p.add_argument("--flip", action="store_true", help="average with the mirrored image (as the evaluator)")
-    p.add_argument("--multi-scales", default="1", help="comma-separated scales averaged, e.g. 0.75,1,1.25")
+    options.add_tta(p)
     p.add_argument("--input-size", default="473,473", help="network input H,W (the released models: 473,473)")
     p.add_argument("--conf-thres", type=float, default=0.5, help="instances scored lower are not persons")
     p.add_argument("--overlap-threshold", type=float, default=0.5,
@@ -53,18 +55,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--legacy-person-count", action="store_true",
                    help="count persons as the original (ids past the number of persons get no parts)")
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay/<stem>.jpg")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--gpu", default=None, help="CUDA device index as in the original; 'None' means CPU")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="fp32 reproduces the original")
-    from schp.backends import add_backend_argument
-    add_backend_argument(p)
-    p.add_argument("--batch-size", type=int, default=1, help="person crops per forward pass")
-    p.add_argument("--num-workers", type=int, default=1, help="threads decoding images and reading instances")
-    p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
-    p.add_argument("--summary", default=None, metavar="PATH", help="write a JSON manifest of the run")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    options.add_device(p)
+    options.add_precision(p)
+    options.add_backend(p)
+    options.add_batch_size(p, help="person crops per forward pass")
+    options.add_num_workers(p, help="threads decoding images and reading instances")
+    options.add_overwrite(p, help="redo images whose outputs already exist")
+    options.add_summary(p)
+    options.add_quiet(p, help="no progress bar")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The options, checked (choices, device, the input folder) before torch is imported."""
+    p = build_parser()
+    args = options.parse(p, argv, FLAGS)
+    options.require_folders(p, args, "input_dir")
+    return args
 
 
 def make_source(args, names: List[str], device):
@@ -116,13 +123,13 @@ def load_parsers(args, device):
     from schp.checkpoint import CheckpointError, default_checkpoint_dir
     from schp.multi_person.parsing import load_parser
 
-    from schp.inference import parse_scales
+    from schp.choices import parse_scales
 
     size = parse_input_size(args.input_size, 32)
     try:
         scales = parse_scales(args.multi_scales)
     except ValueError as err:
-        raise SetupError(str(err)) from None
+        raise SetupError(options.flag_message(err, FLAGS)) from None
     parsers, paths = [], []
     for role, given in (("global", args.global_restore), ("local", args.local_restore)):
         spec = dataclasses.replace(MULTI_PERSON[role], input_size=size)
@@ -132,7 +139,7 @@ def load_parsers(args, device):
                                        device=device, precision=args.precision, flip=args.flip, scales=scales,
                                        backend=args.backend)
         except (CheckpointError, ValueError) as err:
-            raise SetupError(f"--{role}-restore: {err}") from None
+            raise SetupError(f"--{role}-restore: {options.flag_message(err, FLAGS)}") from None
         parsers.append(parser)
         paths.append(path)
     return parsers, paths
@@ -163,7 +170,10 @@ def write_manifest(path: Path, args, source, checkpoints, device, report) -> Non
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # --help, --version, a usage error: its exit code, for callers of main()
+        return stop.code
     try:
         if args.batch_size < 1 or args.num_workers < 0:
             raise SetupError("--batch-size must be >= 1 and --num-workers >= 0")
@@ -172,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             device = select_device(args.device, args.gpu)
         except (ValueError, RuntimeError) as err:
-            raise SetupError(str(err)) from None
+            raise SetupError(options.flag_message(err, FLAGS)) from None
         tasks, refused = plan(args)
         try:
             check_writable(Path(args.output_dir))
