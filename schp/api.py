@@ -49,10 +49,10 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
 
 def _check_color(color: Optional[str], what: str) -> str:
     if color is None:
-        raise ValueError(f"{what}: say which channel order it holds: color='bgr' (OpenCV) or "
+        raise ParameterError(f"{what}: say which channel order it holds: color='bgr' (OpenCV) or "
                          "color='rgb' (PIL, imageio, matplotlib)")
     if color not in COLORS:
-        raise ValueError(f"color must be 'bgr' or 'rgb', not {color!r}")
+        raise ParameterError(f"must be 'bgr' or 'rgb', not {color!r}", "color", color)
     return color
 
 
@@ -67,7 +67,7 @@ def _pil_to_bgr(image) -> np.ndarray:
         grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     if mode == "F":
-        raise ValueError("a PIL image in mode 'F' (32-bit float) is not supported: convert it to 8-bit "
+        raise ParameterError("a PIL image in mode 'F' (32-bit float) is not supported: convert it to 8-bit "
                          "(e.g. Image.fromarray(np.uint8(...))) first")
     rgb = np.asarray(image if mode == "RGB" else image.convert("RGB"))
     return np.ascontiguousarray(rgb[:, :, ::-1])
@@ -78,13 +78,13 @@ def _array_to_bgr(array: np.ndarray, color: Optional[str]) -> np.ndarray:
         raise TypeError(f"image arrays must be uint8 (0-255), not {array.dtype}: convert with "
                         "np.clip(x * 255, 0, 255).astype(np.uint8) for 0-1 floats, or x.astype(np.uint8)")
     if array.size == 0:
-        raise ValueError(f"the image array is empty (shape {array.shape})")
+        raise ParameterError(f"the image array is empty (shape {array.shape})")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim == 2:  # grey, replicated as imread does
         return np.ascontiguousarray(np.repeat(array[:, :, None], 3, axis=2))
     if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise ValueError(f"an image array must be H x W (grey), H x W x 3 (colour) or H x W x 4 (colour "
+        raise ParameterError(f"an image array must be H x W (grey), H x W x 3 (colour) or H x W x 4 (colour "
                          f"and alpha), not shape {array.shape}")
     order = _check_color(color, f"an H x W x {array.shape[2]} array")
     pixels = array[:, :, :3]  # alpha dropped, as imread does
@@ -103,7 +103,7 @@ def to_bgr(image, color: Optional[str] = None) -> np.ndarray:
         try:
             return read_image(Path(image))
         except ImageError as err:
-            raise ValueError(f"{image}: {err}") from None
+            raise ParameterError(f"{image}: {err}") from None
     if isinstance(image, np.ndarray):
         return _array_to_bgr(image, color)
     try:
@@ -189,7 +189,7 @@ class SCHP:
         bgr = to_bgr(image, order)
         labels = self._check_labels(labels)
         if labels.shape != bgr.shape[:2]:
-            raise ValueError(f"labels {labels.shape} and image {bgr.shape[:2]} differ in size")
+            raise ParameterError(f"labels {labels.shape} and image {bgr.shape[:2]} differ in size")
         out = blend_overlay(bgr, labels, self.palette, alpha)
         return out if _check_color(order, "overlay") == "bgr" else np.ascontiguousarray(out[:, :, ::-1])
 
@@ -204,9 +204,9 @@ class SCHP:
     def _check_labels(self, labels) -> np.ndarray:
         labels = np.asarray(labels)
         if labels.ndim != 2 or labels.dtype != np.uint8:
-            raise ValueError(f"labels must be an H x W uint8 map (from parse), not {labels.dtype} {labels.shape}")
+            raise ParameterError(f"labels must be an H x W uint8 map (from parse), not {labels.dtype} {labels.shape}")
         if labels.size and labels.max() >= self.spec.num_classes:
-            raise ValueError(f"labels hold class {labels.max()}, beyond the {self.spec.num_classes} of "
+            raise ParameterError(f"labels hold class {labels.max()}, beyond the {self.spec.num_classes} of "
                              f"{self.spec.name}")
         return labels
 
