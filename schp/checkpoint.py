@@ -15,12 +15,13 @@ from typing import Callable, Dict, List, Mapping, Optional
 import torch
 
 from schp.data.catalog import DatasetSpec, dataset_for_num_classes
+from schp.errors import SetupError
 
 PREFIX = "module."  # the released files were saved from nn.DataParallel
 CLASSIFIER_KEY = "fushion.3.weight"
 
 
-class CheckpointError(Exception):
+class CheckpointError(SetupError):
     """A checkpoint that cannot be used; the message is one sentence for the user."""
 
 

@@ -6,7 +6,6 @@ import os
 import sys
 from typing import Iterable, Optional
 
-from schp.errors import SCHPError
 
 
 class ConsoleReporter:
@@ -24,13 +23,6 @@ class ConsoleReporter:
         from tqdm import tqdm
         return tqdm(total=total, initial=initial, unit=unit, desc=desc, file=sys.stderr, disable=self.quiet,
                     dynamic_ncols=True, leave=leave)
-
-
-def error_line(err: SCHPError, flags: Optional[dict] = None) -> str:
-    """`error: ...` for an engine error, its parameters named by this command's flags."""
-    def flag(name: str) -> str:
-        return (flags or {}).get(name, "--" + name.replace("_", "-"))
-    return f"error: {err.describe(flags=flag)}"
 
 
 def emit(lines: Iterable[str]) -> None:
@@ -55,6 +47,8 @@ def interruptible(body, argv) -> int:
     with stop_signals_as_interrupt():
         try:
             return body(argv)
+        except SystemExit as stop:  # --help, --version, a usage error: its exit code, for callers of main()
+            return stop.code
         except KeyboardInterrupt:
             print("interrupted before any input was processed", file=sys.stderr)
             return EXIT_INTERRUPTED

@@ -230,7 +230,7 @@ def load_parsers(options: MultiPersonOptions, device):
             parser, path = load_parser(spec, path, allow_download=not given or path.name == spec.checkpoint,
                                        device=device, precision=options.precision, flip=options.flip,
                                        scales=options.scales, backend=options.backend)
-        except (CheckpointError, ValueError) as err:
+        except CheckpointError as err:
             raise SetupError(str(err), f"{role}_checkpoint") from None
         parsers.append(parser)
         paths.append(path)
@@ -283,10 +283,7 @@ class MultiPersonRun:
         o = self.options
         for note in self.notes:
             reporter.line(note)
-        try:
-            device = select_device(o.device, o.gpu)
-        except (ValueError, RuntimeError) as err:
-            raise SetupError(str(err)) from None
+        device = select_device(o.device, o.gpu)
         made = [q for q in (self.output_dir, *self.output_dir.parents) if not q.exists()]
         try:
             check_writable(self.output_dir)

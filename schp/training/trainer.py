@@ -27,6 +27,7 @@ from schp.data.training_set import AUGMENTED_SPLITS, DataError, TrainingSet, che
 from schp.data.augment import edge_target
 from schp.networks import CE2P, InPlaceABN
 from schp.checkpoint import PREFIX, CheckpointError, read_state_dict
+from schp.errors import SCHPError
 from schp.training.curves import draw_curves
 from schp.training.losses import SCHPLoss
 from schp.training.schedule import is_cycle_end, learning_rate
@@ -38,7 +39,7 @@ BACKBONE = ("conv1.", "conv2.", "conv3.", "bn1.", "bn2.", "bn3.", "layer1.", "la
 LAST = "last.pth.tar"
 
 
-class TrainingError(Exception):
+class TrainingError(SCHPError):
     """A problem that stops training; the message is one line for the user."""
 
     def __init__(self, message: str, exit_code: int = 2):
