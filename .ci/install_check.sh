@@ -16,7 +16,7 @@ check() {  # $1: where schp must be imported from
     "$py" -c "import schp; assert schp.__file__.startswith('$1'), schp.__file__; print('import schp:', schp.__version__)"
     for c in $commands; do
         "$work/venv/bin/$c" --help > /dev/null
-        "$work/venv/bin/$c" --version 2>/dev/null || echo "(no --version yet: $c)"
+        "$work/venv/bin/$c" --version
     done
     [ "$1" = "$repo/schp/" ] && { cd "$repo"; return; }  # editable: the checkout's checkpoints/ is the default
     env -u SCHP_CHECKPOINT_DIR HOME="$work/home" XDG_CACHE_HOME= "$py" -c "

@@ -114,7 +114,7 @@ def test_every_engine_error_has_the_common_base_and_its_exit_code():
     from schp.export import ExportError, MissingPackageError
     from schp.multi_person.instances import InstanceError, SourceError
     from schp.training.trainer import TrainingError
-    from schp.video import VideoError
+    from schp.runs.parsing import VideoError
 
     for cls in (ImageError, VideoError, InstanceError, ExportError, DataError):
         assert issubclass(cls, SCHPError) and cls("x").exit_code == 1, cls
