@@ -249,7 +249,7 @@ def manifest_record(options: MultiPersonOptions, source, checkpoints, device, re
         if checkpoints else None,
         "device": str(device) if device is not None else None,
         "precision": options.precision, "backend": options.backend, "flip": options.flip,
-        "multi_scales": ",".join(str(s) for s in options.scales),
+        "multi_scales": ",".join(f"{s:g}" for s in options.scales),
         "input_size": ",".join(str(v) for v in options.input_size), "jpeg_roundtrip": options.jpeg_roundtrip,
         "legacy_person_count": options.legacy_person_count,
         "versions": versions(),
