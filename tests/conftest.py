@@ -105,3 +105,18 @@ def run_command(name: str, *args, timeout: float = 300, env=None) -> CommandResu
                               env=env)
         seen = json.loads(report.read_text()) if report.is_file() else {"code": done.returncode, "torch": None}
     return CommandResult(seen["code"], done.stdout, done.stderr, seen["torch"])
+
+
+# The extractor's command line as a subprocess (tests of signals, disks and set-up run it for real).
+EXTRACTOR = [sys.executable, str(ROOT / "simple_extractor.py")]
+
+
+def wait_until(predicate, timeout: float = 120.0, step: float = 0.01) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout` seconds pass (False): the one bounded wait."""
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False

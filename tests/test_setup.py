@@ -5,7 +5,6 @@ Everything here happens before the first input is read: arguments, folders, devi
 import os
 import shutil
 import subprocess
-import sys
 import time
 import warnings
 
@@ -14,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_command
+from conftest import run_command, EXTRACTOR
 from schp.data.catalog import DATASETS
 from schp import inference
 from schp.errors import SCHPWarning
 from schp.inference import cpu_flags, select_device, slow_bf16_warning
 
-CLI = [sys.executable, str(ROOT / "simple_extractor.py")]
+CLI = EXTRACTOR
 PASCAL = DATASETS["pascal"]
 
 
