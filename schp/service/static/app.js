@@ -3,7 +3,7 @@
 // Plain script, no dependencies: it works with no network beyond this server.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const state = { labels: [], map: null, width: 0, height: 0, pixels: null, enabled: [], stem: "image", pngUrl: null, overlayUrl: null };
+const state = { labels: [], map: null, width: 0, height: 0, pixels: null, enabled: [], stem: "image", file: null, pngUrl: null, overlayUrl: null };
 
 function authHeaders() {
   const token = $("token").value || sessionStorage.getItem("schp-token") || "";
@@ -71,6 +71,7 @@ async function bitmapPixels(source, width, height) {
 async function parseFile(file) {
   if (!file) return;
   document.body.dataset.state = "parsing";
+  state.file = file;
   state.stem = file.name.replace(/\.[^.]*$/, "") || "image";
   setStatus(`parsing ${file.name}…`);
   const started = performance.now();
@@ -83,31 +84,53 @@ async function parseFile(file) {
   if (!response.ok) { setStatus(`${file.name}: ${await errorText(response)}`, true); document.body.dataset.state = "error"; return; }
   const result = await response.json();
   const seconds = ((performance.now() - started) / 1000).toFixed(2);
-  const png = base64Blob(result.png_base64, "image/png");
+  const counts = {};
+  result.classes.forEach((c) => { counts[c.index] = c.pixels; });
+  await show(file, base64Blob(result.png_base64, "image/png"), state.stem + ".png", counts);
+  setStatus(`${file.name}: ${result.width} x ${result.height}, ${result.classes.length} classes, ${seconds} s`);
+  document.body.dataset.state = "ready";
+}
+
+// A label PNG made elsewhere (simple_extractor.py, or any map in this palette) shown over the image
+// last chosen, without running the model: to look at saved results with the same tools.
+async function viewMap(mapFile) {
+  if (!mapFile) return;
+  if (!state.file) { setStatus("choose the image first, then its saved label PNG", true); return; }
+  const counts = await show(state.file, mapFile, mapFile.name, null);
+  if (!counts) return;
+  const present = Object.values(counts).filter((n) => n > 0).length;
+  setStatus(`${state.file.name} with the saved map ${mapFile.name}: ${state.width} x ${state.height}, ${present} classes (not parsed here)`);
+  document.body.dataset.state = "ready";
+}
+
+// Draw `image` (a file) and the label map `png` (a blob in the palette) and enable the downloads;
+// returns the per-class pixel counts.
+async function show(image, png, pngName, counts) {
   const mapPixels = await bitmapPixels(png);
   const lookup = new Map(state.labels.map((l, i) => [(l.rgb[0] << 16) | (l.rgb[1] << 8) | l.rgb[2], i]));
-  state.width = result.width; state.height = result.height;
-  state.map = new Uint8Array(state.width * state.height);
-  for (let i = 0; i < state.map.length; i++) {
-    const d = mapPixels.data;
-    state.map[i] = lookup.get((d[4 * i] << 16) | (d[4 * i + 1] << 8) | d[4 * i + 2]) ?? 0;
+  const d = mapPixels.data;
+  const map = new Uint8Array(mapPixels.width * mapPixels.height);
+  const tally = state.labels.map(() => 0);
+  for (let i = 0; i < map.length; i++) {
+    const c = lookup.get((d[4 * i] << 16) | (d[4 * i + 1] << 8) | d[4 * i + 2]);
+    if (c === undefined) { setStatus(`${pngName}: colour at pixel ${i} is not in the ${state.labels.length}-class palette`, true); return null; }
+    map[i] = c; tally[c]++;
   }
+  state.map = map; state.width = mapPixels.width; state.height = mapPixels.height;
   let picture;
-  try { picture = await bitmapPixels(file, state.width, state.height); }
+  try { picture = await bitmapPixels(image, state.width, state.height); }
   catch (e) { picture = new ImageData(state.width, state.height); }  // a format the browser cannot show
   state.pixels = picture;
   for (const id of ["image", "overlay"]) { $(id).width = state.width; $(id).height = state.height; }
   $("image").getContext("2d").putImageData(picture, 0, 0);
-  const counts = {};
-  result.classes.forEach((c) => { counts[c.index] = c.pixels; });
+  counts = counts || Object.fromEntries(tally.map((n, i) => [i, n]));
   drawLegend(counts);
   if (state.pngUrl) URL.revokeObjectURL(state.pngUrl);
   state.pngUrl = URL.createObjectURL(png);
   const link = $("download-png");
-  link.href = state.pngUrl; link.download = state.stem + ".png"; link.classList.remove("disabled");
+  link.href = state.pngUrl; link.download = pngName; link.classList.remove("disabled");
   drawOverlay();
-  setStatus(`${file.name}: ${result.width} x ${result.height}, ${result.classes.length} classes, ${seconds} s`);
-  document.body.dataset.state = "ready";
+  return counts;
 }
 
 function drawOverlay() {
@@ -153,6 +176,7 @@ function setAll(on) {
 window.addEventListener("DOMContentLoaded", () => {
   const drop = $("drop");
   $("file").addEventListener("change", (e) => parseFile(e.target.files[0]));
+  $("map-file").addEventListener("change", (e) => viewMap(e.target.files[0]));
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); parseFile(e.dataTransfer.files[0]); });
