@@ -38,6 +38,7 @@ def make_inputs(folder):
     cv2.imwrite(str(folder / "b.png"), cv2.resize(demo, (48, 64), interpolation=cv2.INTER_AREA))
     cv2.imwrite(str(folder / "c.bmp"), corpus.base_bgr(64, 48))
     cv2.imwrite(str(folder / "d.webp"), cv2.resize(demo[40:, 10:], (72, 54), interpolation=cv2.INTER_AREA))
+    cv2.imwrite(str(folder / "tiny.png"), corpus.base_bgr(64, 48)[:1, :1])  # 1 x 1: a zero-size box
     corpus.make_truncated_jpg(folder)
     corpus.make_text_as_png(folder)
 
@@ -215,6 +216,8 @@ def test_hostile_requests_get_their_status_quickly_and_the_server_stays_healthy(
         assert r.status_code == 422 and r.json()["detail"] == svc.reasons[name] and seconds < 1, (name, r.text)
     r, seconds = post(b"")
     assert r.status_code == 422 and "empty" in r.json()["detail"] and seconds < 1
+    r, _ = post((svc.inputs / "tiny.png").read_bytes())
+    assert r.status_code == 200 and r.content == cli_png(svc, "tiny.png")
     # malformed requests: 400 naming the problem
     r, _ = post(None, files={"picture": ("a.jpg", b"abc")})
     assert r.status_code == 400 and "'image'" in r.json()["detail"]
@@ -334,3 +337,19 @@ def test_setup_errors_are_one_line_and_exit_2(tmp_path, svc):
     code, err = serve("--port", "0", code="import sys; sys.modules['fastapi'] = None; "
                                           "from schp.service.command import main; sys.exit(main(sys.argv[1:]))")
     assert code == 2 and err.strip().startswith("error: the service needs the package 'fastapi'"), err
+
+
+def test_batched_forward_passes_give_each_image_its_batch_of_one_logits(checkpoints):
+    """At the released 512 x 512 input, a batch's logits for an image equal, to the bit, those of the
+    image alone (the command line's default): the service's maps do not depend on batch-mates."""
+    from datasets.catalog import DATASETS
+    from schp.api import load_parser
+    from schp.service.engine import batch_invariant_parse
+
+    parser, _ = load_parser(DATASETS["pascal"], checkpoints("pascal"), "cpu", backend="torch")
+    demo = cv2.imread(str(ROOT / "demo" / "demo.jpg"))
+    images = [cv2.resize(demo[i * 50:, i * 70:], (160, 107), interpolation=cv2.INTER_AREA) for i in range(2)]
+    alone = [parser.parse([image], with_logits=True)[0] for image in images]
+    batched = batch_invariant_parse(parser)(images, with_logits=True)
+    for (labels, logits), (labels_b, logits_b) in zip(alone, batched):
+        assert np.array_equal(logits, logits_b) and np.array_equal(labels, labels_b)

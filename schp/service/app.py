@@ -23,7 +23,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from datasets.simple_extractor_dataset import ImageError, ImageTooLarge, decode_image
+from datasets.simple_extractor_dataset import ImageError, ImageTooLarge, decode_image, describe_exception
 from schp.service import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from schp.service.batcher import Batcher, Closed, QueueFull
 
@@ -44,6 +44,7 @@ class Settings:
     token: Optional[str] = None
     logits: bool = False  # ?output=npy allowed
     checkpoint_name: str = ""
+    drain_timeout: float = 30.0  # at shutdown, how long the model may take for the queued images
 
 
 class HTTPError(Exception):
@@ -101,7 +102,8 @@ class Service:
         self.parser, self.settings, self.spec = parser, settings, parser.spec
         self.palette = get_palette(self.spec.num_classes)
         self.colors = class_colors(self.spec.num_classes)
-        self.batcher = Batcher(parser.parse, settings.max_batch, settings.max_wait_ms, settings.max_queue)
+        from schp.service.engine import batch_invariant_parse
+        self.batcher = Batcher(batch_invariant_parse(parser), settings.max_batch, settings.max_wait_ms, settings.max_queue)
         self.draining = False
 
     def labels_json(self) -> dict:
@@ -201,7 +203,12 @@ class Service:
             raise HTTPError(503, str(err), {"Retry-After": str(err.retry_after)}) from None
         except Closed as err:
             raise HTTPError(503, str(err), {"Retry-After": "5"}) from None
-        result = await asyncio.wrap_future(future)
+        try:
+            result = await asyncio.wrap_future(future)
+        except MemoryError:
+            raise HTTPError(507, "out of memory while parsing this image") from None
+        except Exception as err:  # this image alone (the batcher retries batch-mates one by one)
+            raise HTTPError(500, f"inference failed: {describe_exception(err)}") from None
         body = await run_in_threadpool(self.encode, output, image, result)
         return Response(body, media_type=MEDIA[output])
 
@@ -231,7 +238,7 @@ def create_app(parser, settings: Optional[Settings] = None) -> FastAPI:
     async def lifespan(app):
         yield
         service.draining = True
-        await run_in_threadpool(service.batcher.close)
+        await run_in_threadpool(service.batcher.close, service.settings.drain_timeout)
 
     app = FastAPI(title="SCHP human parsing", version="1", lifespan=lifespan,
                   description="Human parsing maps from one SCHP model in memory; the same maps as "

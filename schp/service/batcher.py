@@ -128,10 +128,14 @@ class Batcher:
         start = time.perf_counter()
         try:
             results = self._parse([job.image for job in jobs], with_logits=logits)
-        except BaseException as err:  # one failed batch fails its requests, never the thread
-            log.exception("a batch of %d failed", len(jobs))
-            for job in jobs:
-                job.future.set_exception(err)
+        except Exception as err:  # never the thread; and one image's failure is never its batch-mates'
+            if len(jobs) > 1:
+                log.warning("a batch of %d failed (%s); parsing its images one by one", len(jobs), err)
+                for job in jobs:
+                    self._forward([job])
+                return
+            log.warning("an image failed in the forward pass: %r", err)
+            jobs[0].future.set_exception(err)
             return
         seconds = (time.perf_counter() - start) / len(jobs)
         self._seconds_per_image = seconds if self._seconds_per_image is None else \

@@ -190,7 +190,8 @@ def serve(args, parser, checkpoint, sock: socket.socket) -> int:
 
     settings = Settings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                         max_bytes=args.max_bytes, max_pixels=args.max_pixels, token=args.token,
-                        logits=args.logits, checkpoint_name=checkpoint.name)
+                        logits=args.logits, checkpoint_name=checkpoint.name,
+                        drain_timeout=args.drain_timeout)
     app = create_app(parser, settings)
     service = app.state.service
 
@@ -210,7 +211,7 @@ def serve(args, parser, checkpoint, sock: socket.socket) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         sock.close()
-    if not service.batcher.close(timeout=args.drain_timeout):
+    if not service.batcher.close(timeout=1):
         print("warning: the model was still busy after --drain-timeout", file=sys.stderr)
     print("stopped", file=sys.stderr)
     return EXIT_OK
