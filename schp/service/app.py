@@ -130,13 +130,13 @@ class Service:
             if not length.strip().isdigit():
                 raise HTTPError(400, f"Content-Length {length!r} is not a number")
             if int(length) > limit:
-                raise HTTPError(413, f"{too_big} (Content-Length {int(length)})", {"Connection": "close"})
+                raise HTTPError(413, f"{too_big} (Content-Length {int(length)})")
         chunks, total = [], 0
         try:
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > limit:
-                    raise HTTPError(413, too_big, {"Connection": "close"})
+                    raise HTTPError(413, too_big)
                 chunks.append(chunk)
         except ClientDisconnect:  # nobody to answer; nothing was queued
             raise HTTPError(400, "the client disconnected before the end of its body") from None
@@ -194,10 +194,11 @@ class Service:
             raise HTTPError(400, f"output={output}: expected one of {', '.join(OUTPUTS)}")
         if output == "npy" and not self.settings.logits:
             raise HTTPError(403, "output=npy (logits) is disabled: start the server with --logits")
-        data = await self.image_bytes(request)
-        image = await run_in_threadpool(self.decode, data)
-        del data
         try:
+            self.batcher.check_room()  # a full queue refuses before the body is read and decoded
+            data = await self.image_bytes(request)
+            image = await run_in_threadpool(self.decode, data)
+            del data
             future = self.batcher.submit(image, with_logits=output == "npy")
         except QueueFull as err:
             raise HTTPError(503, str(err), {"Retry-After": str(err.retry_after)}) from None
@@ -248,7 +249,9 @@ def create_app(parser, settings: Optional[Settings] = None) -> FastAPI:
 
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, err: HTTPError):
-        return JSONResponse({"detail": err.detail}, status_code=err.status, headers=err.headers)
+        # the body may be unread (a refusal before it): this connection takes no further request
+        return JSONResponse({"detail": err.detail}, status_code=err.status,
+                            headers={**err.headers, "Connection": "close"})
 
     @app.get("/healthz", summary="Liveness and queue state")
     async def healthz():

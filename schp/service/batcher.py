@@ -76,6 +76,11 @@ class Batcher:
         per_image = self._seconds_per_image or 1.0
         return max(1, math.ceil(per_image * (len(self._queue) + self._busy)))
 
+    def check_room(self) -> None:
+        """QueueFull now if the queue is full: lets a request be refused before its body is read."""
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(self.retry_after())
+
     def submit(self, image: np.ndarray, with_logits: bool = False) -> Future:
         job = _Job(image, with_logits)
         with self._cond:
