@@ -1,11 +1,8 @@
 #!/usr/bin/env python3
-"""SCHP parsing service: `python serve.py --model-restore CKPT [--host 127.0.0.1 --port 8000]`.
-
-The body is schp/service/command.py; see docs/service.md.
-"""
+"""The `serve.py` command line of a checkout; the code is schp/commands/serve.py (installed: schp-serve)."""
 import sys
 
-from schp.service.command import main
+from schp.commands.serve import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 def small_checkpoint(pascal_checkpoint: Path, folder: Path) -> Path:
     import torch
-    from datasets.catalog import DATASETS
+    from schp.data.catalog import DATASETS
 
     path = folder / f"synth-pascal-{SMALL_INPUT}.pth"
     if not path.exists():

@@ -135,7 +135,7 @@ def test_json_overlay_and_npy_outputs_match_the_command_lines_files(svc):
 
 def test_labels_and_openapi(svc):
     body = httpx.get(svc.url + "/v1/labels").json()
-    from utils.palette import class_colors
+    from schp.utils.palette import class_colors
     assert [entry["name"] for entry in body["labels"]][:3] == ["Background", "Head", "Torso"]
     assert [tuple(entry["rgb"]) for entry in body["labels"]] == [tuple(c) for c in class_colors(7)]
     schema = httpx.get(svc.url + "/openapi.json").json()
@@ -335,14 +335,14 @@ def test_setup_errors_are_one_line_and_exit_2(tmp_path, svc):
     assert lines[-1].startswith("error: ") and "none.pth" in lines[-1], err
     # FastAPI missing: one line naming it
     code, err = serve("--port", "0", code="import sys; sys.modules['fastapi'] = None; "
-                                          "from schp.service.command import main; sys.exit(main(sys.argv[1:]))")
+                                          "from schp.commands.serve import main; sys.exit(main(sys.argv[1:]))")
     assert code == 2 and err.strip().startswith("error: the service needs the package 'fastapi'"), err
 
 
 def test_batched_forward_passes_give_each_image_its_batch_of_one_logits(checkpoints):
     """At the released 512 x 512 input, a batch's logits for an image equal, to the bit, those of the
     image alone (the command line's default): the service's maps do not depend on batch-mates."""
-    from datasets.catalog import DATASETS
+    from schp.data.catalog import DATASETS
     from schp.api import load_parser
     from schp.service.engine import batch_invariant_parse
 

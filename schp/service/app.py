@@ -23,7 +23,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from datasets.simple_extractor_dataset import ImageError, ImageTooLarge, decode_image, describe_exception
+from schp.data.decode import ImageError, ImageTooLarge, decode_image
+from schp.errors import describe_exception
 from schp.service import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from schp.service.batcher import Batcher, Closed, QueueFull
 
@@ -67,7 +68,7 @@ def label_png(labels: np.ndarray, palette) -> bytes:
 def overlay_jpeg(image_bgr: np.ndarray, labels: np.ndarray, palette) -> bytes:
     """The JPEG utils.outputs.save_overlay writes (--overlay), as bytes."""
     import cv2
-    from utils.outputs import blend_overlay
+    from schp.utils.outputs import blend_overlay
 
     ok, data = cv2.imencode(".jpg", blend_overlay(image_bgr, labels, palette), [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:

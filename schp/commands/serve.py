@@ -6,40 +6,29 @@ refused, then the process leaves within --drain-timeout), 2 usage or set-up erro
 """
 import argparse
 import ipaddress
-import re
 import signal
 import socket
 import sys
 from typing import Optional, Sequence
 
-from schp.cli import EXIT_OK, EXIT_SETUP, SetupError, raise_keyboard_interrupt
+from schp.commands import options
+from schp.errors import EXIT_OK, EXIT_SETUP, SCHPError, SetupError
+from schp.runs.loop import raise_keyboard_interrupt
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 SERVICE_PACKAGES = (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("multipart", "python-multipart"))
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(EXIT_SETUP, f"error: {message} (--help lists the options)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from schp.service import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-    p = OneLineParser(prog="serve.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                      description="SCHP human parsing over HTTP: one model in memory, concurrent requests "
-                                  "batched, the page at /, the API under /v1, OpenAPI at /docs.")
-    p.add_argument("--dataset", default="pascal", choices=["lip", "atr", "pascal", "custom"],
-                   help="which released model (labels, input size); custom: those stored in --model-restore")
-    p.add_argument("--model-restore", default=None,
-                   help="checkpoint file; default checkpoints/<released file of --dataset>, downloaded when missing")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="fp32 reproduces the original; bf16 approximate; fp16 CUDA only")
-    from schp.backends import add_backend_argument
-    add_backend_argument(p)
-    p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
-    p.add_argument("--multi-scales", default="1", metavar="S1,S2,...",
-                   help="test-time augmentation: average the logits over these input scales")
+    p = options.CommandParser(prog="serve.py",
+                              description="SCHP human parsing over HTTP: one model in memory, concurrent requests "
+                                          "batched, the page at /, the API under /v1, OpenAPI at /docs.")
+    options.add_dataset(p, "pascal", custom=True)
+    options.add_model_restore(p)
+    options.add_device(p)
+    options.add_precision(p)
+    options.add_backend(p)
+    options.add_tta(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback without --token prints a warning")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free one, printed)")
@@ -65,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     import os
     p = build_parser()
-    args = p.parse_args(argv)
-    if not DEVICE_PATTERN.fullmatch(args.device):
-        p.error(f"--device {args.device}: expected auto, cpu, cuda or cuda:N")
+    args = options.parse(p, argv)
     if not 0 <= args.port <= 65535:
         p.error(f"--port {args.port}: expected 0..65535")
     for name in ("max_batch", "max_queue", "max_bytes"):
@@ -120,34 +107,21 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def load(args):
-    """(HumanParser, checkpoint path) as the extractor loads them; SetupError with one sentence."""
-    from pathlib import Path
+    """(HumanParser, checkpoint path) through the extractor's own loading path."""
+    from schp.choices import parse_scales
+    from schp.runs.extract import ExtractOptions, dataset_spec, load_model
 
-    from schp.api import load_parser
-    from schp.checkpoint import CheckpointError
-    from schp.inference import parse_scales
-
-    if args.dataset == "custom":
-        from schp.checkpoint import spec_from_checkpoint
-        if args.model_restore is None:
-            raise SetupError("--dataset custom needs --model-restore (a checkpoint written by train.py)")
-        try:
-            spec = spec_from_checkpoint(Path(args.model_restore))
-        except CheckpointError as err:
-            raise SetupError(str(err)) from None
-    else:
-        from datasets.catalog import DATASETS
-        spec = DATASETS[args.dataset]
-    try:
-        return load_parser(spec, args.model_restore, args.device, None, args.precision,
-                           flip=args.flip, scales=parse_scales(args.multi_scales), backend=args.backend)
-    except (CheckpointError, ValueError, RuntimeError, OSError) as err:
-        text = str(err).strip().splitlines()
-        raise SetupError(text[0] if text else type(err).__name__) from None
+    spec = dataset_spec(args.dataset, args.model_restore)
+    return load_model(ExtractOptions(dataset=args.dataset, checkpoint=args.model_restore, device=args.device,
+                                     gpu=args.gpu, precision=args.precision, backend=args.backend,
+                                     flip=args.flip, scales=parse_scales(args.multi_scales)), spec)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # --help, --version, a usage error: its exit code, for callers of main()
+        return stop.code
     missing = missing_service_package()
     if missing:
         print(f"error: the service needs the package '{missing}', which is not installed "
@@ -167,10 +141,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser, checkpoint = load(args)
         import cv2
         cv2.setNumThreads(1)  # torch owns the cores; the decode/encode threads run cv2 single-threaded each
-    except SetupError as err:
+    except SCHPError as err:
         if sock is not None:
             sock.close()
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {options.flag_message(err)}", file=sys.stderr)
         return EXIT_SETUP
     except KeyboardInterrupt:
         if sock is not None:
