@@ -29,7 +29,6 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
     HumanParser (flip, scales, backend...). Raises CheckpointError or ValueError with one sentence.
     """
     import torch
-    from schp.checkpoint import default_checkpoint_dir
     from schp.inference import load_human_parser, select_device, slow_bf16_warning
 
     try:
@@ -39,10 +38,7 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
     warning = slow_bf16_warning(device, precision)
     if warning:
         print(warning, file=sys.stderr)
-    given = checkpoint is not None
-    path = Path(checkpoint) if given else default_checkpoint_dir() / spec.checkpoint
-    return load_human_parser(spec, path, device, precision, allow_tf32=allow_tf32,
-                             allow_download=not given or path.name == spec.checkpoint, **options)
+    return load_human_parser(spec, checkpoint, device, precision, allow_tf32=allow_tf32, **options)
 
 
 def _check_color(color: Optional[str], what: str) -> str:

@@ -92,7 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from schp.data.labelled import LabelledDataError, id_file
     from schp.checkpoint import CheckpointError
     from schp.evaluation import evaluate, score_files
-    from schp.inference import load_human_parser, parse_scales, select_device
+    from schp.api import load_parser
+    from schp.inference import parse_scales
 
     data_dir = Path(args.data_dir)
     try:
@@ -110,14 +111,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             try:
                 scales = parse_scales(args.multi_scales)
-                device = select_device(args.device, args.gpu)
-                parser, checkpoint = load_human_parser(
-                    spec, Path(args.model_restore), device, args.precision, flip=args.flip, scales=scales,
-                    backend=args.backend, allow_download=Path(args.model_restore).name == spec.checkpoint)
+                parser, checkpoint = load_parser(  # the extractor's path: device, bf16 warning, TF32
+                    spec, args.model_restore, args.device, args.gpu, args.precision,
+                    getattr(args, "allow_tf32", False), flip=args.flip, scales=scales, backend=args.backend)
             except (CheckpointError, ValueError, RuntimeError) as err:
                 raise SetupError(str(err)) from None
             settings.update(mode="model", checkpoint=str(checkpoint), input_size=list(spec.input_size),
-                            device=str(device), precision=args.precision, backend=parser.backend,
+                            device=str(parser.device), precision=args.precision, backend=parser.backend,
                             tta={"flip": args.flip, "scales": list(scales)},
                             legacy_int_centers=not args.float_centers)
     except SetupError as err:

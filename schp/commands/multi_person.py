@@ -113,7 +113,7 @@ def load_parsers(args, device):
     import dataclasses
 
     from schp.data.catalog import MULTI_PERSON
-    from schp.checkpoint import CheckpointError, default_checkpoint_dir
+    from schp.checkpoint import CheckpointError
     from schp.multi_person.parsing import load_parser
 
     from schp.inference import parse_scales
@@ -126,10 +126,9 @@ def load_parsers(args, device):
     parsers, paths = [], []
     for role, given in (("global", args.global_restore), ("local", args.local_restore)):
         spec = dataclasses.replace(MULTI_PERSON[role], input_size=size)
-        path = Path(given) if given else default_checkpoint_dir() / spec.checkpoint
         try:
-            parser, path = load_parser(spec, path, allow_download=not given or path.name == spec.checkpoint,
-                                       device=device, precision=args.precision, flip=args.flip, scales=scales,
+            parser, path = load_parser(spec, given or None, allow_download=None, device=device,
+                                       precision=args.precision, flip=args.flip, scales=scales,
                                        backend=args.backend)
         except (CheckpointError, ValueError) as err:
             raise SetupError(f"--{role}-restore: {err}") from None
