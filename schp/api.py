@@ -121,12 +121,15 @@ class SCHP:
     missing). `device`: "auto", "cpu", "cuda", "cuda:N". `precision`: "fp32" (the original's maps),
     "bf16", "fp16" (CUDA). `flip` / `scales`: test-time augmentation. `batch_size`: images per forward
     pass in parse_batch (the command line's --batch-size). `backend`: the inference engine.
+    `labels_map`: maps in another label scheme (a JSON file as for --label-map, or a dict of its
+    structure): parse returns those, and labels and colorize follow.
     """
 
     def __init__(self, dataset: str = "pascal", checkpoint: Optional[Union[str, Path]] = None,
                  device="auto", precision: str = "fp32", flip: bool = False,
                  scales: Sequence[float] = (1.0,), backend: str = "torch", batch_size: int = 1,
-                 allow_tf32: bool = False):
+                 allow_tf32: bool = False, labels_map=None):
+        from schp.data.label_map import resolve_label_map
         from schp.utils.palette import get_palette
 
         if dataset not in DATASETS:
@@ -134,15 +137,16 @@ class SCHP:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.spec = DATASETS[dataset]
+        self.label_map = resolve_label_map(labels_map, self.spec.labels)  # checked before the model loads
         self.parser, self.checkpoint = load_parser(self.spec, checkpoint, device, None, precision, allow_tf32,
                                                    flip=flip, scales=scales, backend=backend)
         self.batch_size = batch_size
-        self.palette = get_palette(self.spec.num_classes)
+        self.palette = self.label_map.palette if self.label_map else get_palette(self.spec.num_classes)
 
     @property
     def labels(self) -> Tuple[str, ...]:
         """Class names; a map's value i is the class labels[i]."""
-        return self.spec.labels
+        return self.label_map.labels if self.label_map else self.spec.labels
 
     @property
     def device(self):
@@ -161,6 +165,9 @@ class SCHP:
         results = []
         for start in range(0, len(pixels), self.batch_size):
             results += self.parser.parse(pixels[start:start + self.batch_size], with_logits=logits)
+        if self.label_map is not None:
+            apply = self.label_map.apply
+            results = [(apply(r[0]), r[1]) if logits else apply(r) for r in results]
         return results
 
     def colorize(self, labels: Labels, color: str = "rgb") -> np.ndarray:
@@ -199,9 +206,10 @@ class SCHP:
         labels = np.asarray(labels)
         if labels.ndim != 2 or labels.dtype != np.uint8:
             raise ValueError(f"labels must be an H x W uint8 map (from parse), not {labels.dtype} {labels.shape}")
-        if labels.size and labels.max() >= self.spec.num_classes:
-            raise ValueError(f"labels hold class {labels.max()}, beyond the {self.spec.num_classes} of "
-                             f"{self.spec.name}")
+        count = len(self.labels)
+        if labels.size and labels.max() >= count:
+            raise ValueError(f"labels hold class {labels.max()}, beyond the {count} of "
+                             f"{'the label map' if self.label_map else self.spec.name}")
         return labels
 
     def __repr__(self) -> str:

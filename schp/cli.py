@@ -3,11 +3,7 @@
 Exit codes: 0 all good, 1 some input failed (or the run was stopped), 2 usage or set-up error,
 130 interrupted. Kept free of heavy imports so usage errors answer before torch is loaded.
 """
-EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class SetupError(Exception):
-    """A problem found before any work (bad arguments, missing folders, unusable checkpoint): one sentence."""
+from schp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError  # noqa: F401
 
 
 def parse_input_size(text: str, minimum: int):
@@ -19,8 +15,3 @@ def parse_input_size(text: str, minimum: int):
     if h is None or min(h, w) < minimum:
         raise SetupError(f"--input-size {text}: expected H,W (each >= {minimum}), e.g. 473,473")
     return h, w
-
-
-def raise_keyboard_interrupt(signum, frame):
-    """Signal handler: a stop signal (SIGTERM, SIGHUP) behaves as Ctrl-C."""
-    raise KeyboardInterrupt

@@ -136,7 +136,7 @@ def gather_report(ranks: Rank, report, parser):
     Outcomes come back in the order of the inputs before sharing; the run counts as interrupted or
     stopped if any rank was, and lasted as long as the slowest rank.
     """
-    from schp.runner import RunReport
+    from schp.runs.loop import RunReport
 
     mine = (report.outcomes, report.interrupted, report.stopped_reason, report.seconds,
             str(parser.device) if parser else None)

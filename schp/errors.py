@@ -4,31 +4,44 @@ An error about a parameter names it as a Python caller wrote it (`device='tpu': 
 commands re-word the same error with their flag (`--device tpu: expected ...`) through `describe`.
 Kept free of imports so that commands can use it before anything heavy is loaded.
 """
-from typing import Any, Optional
+from typing import Any, Callable, Dict, Optional
 
 EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-_UNSET = object()
 
 
 class SCHPError(Exception):
-    """One sentence for the user; `parameter` / `value` name what was wrong where a caller passed it."""
+    """One sentence for the user; `parameter` / `value` name what was wrong where a caller passed it.
+
+    The reason may mention other parameters as `{name}` with their values in `mentions` (`...` for
+    none); they are named the same way as `parameter` (`dataset='pascal'`, or by a command
+    `--dataset pascal`).
+    """
 
     exit_code = EXIT_FAILED
 
-    def __init__(self, reason: str, parameter: Optional[str] = None, value: Any = _UNSET):
+    def __init__(self, reason: str, parameter: Optional[str] = None, value: Any = ...,
+                 mentions: Optional[Dict[str, Any]] = None):
         self.reason, self.parameter, self.value = reason, parameter, value
+        self.mentions = dict(mentions or {})
         super().__init__(self.describe())
 
-    def describe(self, flag: Optional[str] = None) -> str:
-        """The sentence, the parameter named as Python (`name='value'`) or, given `flag`, as `--flag value`."""
+    def describe(self, flag: Optional[str] = None, flags: Optional[Callable[[str], str]] = None) -> str:
+        """The sentence, parameters named as Python (`name='value'`) or, by a command, as flags: `flag`
+        for `parameter`, `flags(name)` for any (both given by the command)."""
+        def shown(name: str, value: Any, as_flag: Optional[str]) -> str:
+            if as_flag is None and flags is not None:
+                as_flag = flags(name)
+            if as_flag is not None:
+                return as_flag if value is ... else f"{as_flag} {value}"
+            return name if value is ... else f"{name}={value!r}"
+
+        reason = self.reason
+        if self.mentions:
+            reason = reason.format(**{k: shown(k, v, None) for k, v in self.mentions.items()})
         if self.parameter is None:
-            return self.reason
-        if flag is not None:
-            shown = flag if self.value is _UNSET else f"{flag} {self.value}"
-        else:
-            shown = self.parameter if self.value is _UNSET else f"{self.parameter}={self.value!r}"
-        return f"{shown}: {self.reason}"
+            return reason
+        return f"{shown(self.parameter, self.value, flag)}: {reason}"
 
 
 class SetupError(SCHPError):

@@ -72,7 +72,8 @@ def test_gpu_postprocessing_path_matches_the_original_on_the_cpu(checkpoints, tm
     from schp.data.catalog import DATASETS
     from schp.checkpoint import read_state_dict
     from schp.inference import HumanParser
-    from schp.runner import Runner, Task
+    from schp.runs.loop import run
+    from schp.runs.parsing import ImageTask as Task, ParseJob
 
     parser = HumanParser(DATASETS["pascal"], read_state_dict(checkpoints("pascal")), torch.device("cpu"),
                          postprocess_on_device=True)
@@ -80,7 +81,7 @@ def test_gpu_postprocessing_path_matches_the_original_on_the_cpu(checkpoints, tm
     small = DATA / "cases" / "pascal_small_odd" / "in"
     tasks = [Task(image, "demo", png=tmp_path / "demo.png")] + \
             [Task(p, p.name, png=tmp_path / f"{p.stem}.png") for p in small.iterdir()]
-    report = Runner(parser, get_palette(7), batch_size=2, num_workers=0, quiet=True).run(tasks)
+    report = run(ParseJob(parser, get_palette(7), batch_size=2, num_workers=0), tasks)
     assert report.count("processed") == 2
     assert (np.array(Image.open(tmp_path / "demo.png")) == demo_expected()).mean() >= 0.9999
     small_expected = np.array(Image.open(DATA / "cases" / "pascal_small_odd" / "expected.png"))
@@ -92,7 +93,7 @@ def test_bf16_runs_close_to_fp32_and_fp16_needs_cuda(checkpoints, run_cli, tmp_p
     code, _, _ = run_cli(*args, "--output-dir", tmp_path / "bf16", "--precision", "bf16", "--device", "cpu")
     assert code == 0
     agreement = (np.array(Image.open(tmp_path / "bf16" / "demo.png")) == demo_expected()).mean()
-    # measured 0.885 on this synthetic checkpoint (README); a broken bf16 path lands far lower
+    # measured 0.885 on this synthetic checkpoint (docs/fidelity.md); a broken bf16 path lands far lower
     assert agreement > 0.85, agreement
     code, _, err = run_cli(*args, "--output-dir", tmp_path / "fp16", "--precision", "fp16", "--device", "cpu")
     assert code == 2 and "fp16 needs a CUDA device" in err

@@ -374,7 +374,8 @@ def test_torchvision_source_end_to_end(tmp_path, cihp, small_group):
     from schp.multi_person.instances import build_torchvision_detector
     from schp.multi_person.outputs import output_paths
     from schp.multi_person.parsing import load_parser
-    from schp.multi_person.pipeline import ImageTask, MultiPersonRunner, Settings
+    from schp.multi_person.run import ImageTask, MultiPersonJob, Settings
+    from schp.runs.loop import run as run_loop
     from schp.data.catalog import MULTI_PERSON
     import dataclasses
 
@@ -408,7 +409,7 @@ def test_torchvision_source_end_to_end(tmp_path, cihp, small_group):
     parsers = [load_parser(dataclasses.replace(MULTI_PERSON[role], input_size=(32, 32)), path, False,
                            torch.device("cpu"))[0] for role, path in (("global", cihp[0]), ("local", cihp[1]))]
     task = ImageTask(in_dir / "g.png", "g.png", output_paths(tmp_path / "out", "g"))
-    report = MultiPersonRunner(*parsers, source, Settings(batch_size=8, quiet=True)).run([task])
+    report = run_loop(MultiPersonJob(*parsers, source, Settings(batch_size=8)), [task])
     assert report.count("processed") == 1
     record = json.loads((tmp_path / "out" / "instances" / "g.json").read_text())
     assert record["instances"]["source"] == "torchvision" and "not the original" in record["instances"]["note"]
@@ -509,14 +510,15 @@ def test_flip_and_scales_reach_both_parsers(tmp_path, cihp):
     args = multi_person.parse_args(["--input-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"),
                                     "--global-restore", str(cihp[0]), "--local-restore", str(cihp[1]), "--flip",
                                     "--multi-scales", "0.75,1,1.25", "--input-size", "40,48"])
-    parsers, paths = multi_person.load_parsers(args, torch.device("cpu"))
+    from schp.multi_person.run import MultiPersonOptions, load_parsers
+    parsers, paths = load_parsers(MultiPersonOptions(**multi_person.run_options(args)), torch.device("cpu"))
     assert paths == [cihp[0], cihp[1]]
     for parser, name in zip(parsers, ("cihp-global", "cihp-local")):
         assert parser.flip and parser.scales == (0.75, 1.0, 1.25) and parser.spec.input_size == (40, 48)
         assert parser.spec.name == name and parser.spec.flip_pairs == ((14, 15), (16, 17), (18, 19))
     with pytest.raises(multi_person.SetupError, match="--multi-scales"):
-        multi_person.load_parsers(multi_person.parse_args(["--input-dir", "x", "--output-dir", "y",
-                                                           "--multi-scales", "a"]), torch.device("cpu"))
+        multi_person.run_options(multi_person.parse_args(["--input-dir", "x", "--output-dir", "y",
+                                                          "--multi-scales", "a"]))
 
 
 def test_backend_runs_both_networks_with_the_same_maps(tmp_path, capsys, cihp, small_group):

@@ -124,7 +124,7 @@ def test_network_equals_the_transliterated_original(dataset, size, checkpoints):
 
 
 def test_the_reordered_network_does_fewer_flops_than_the_released_one():
-    """The FLOPs the README quotes: 174.6 GFLOP per 512 x 512 pascal image for the released network
+    """The FLOPs docs/performance.md quotes: 174.6 GFLOP per 512 x 512 pascal image for the released network
     (its transliteration), 150.0 for ours; counted on meta tensors, so nothing runs."""
     from torch.utils.flop_counter import FlopCounterMode
     from original_pipeline import ResNet

@@ -1,9 +1,11 @@
-"""The README's tables say only what is true: each is checked here against the code, or names its test.
+"""The documentation says only what is true: each table is checked here against the code, or names its test.
 
-The options table must list exactly the extractor's options, and every test a table names in its
-`checked by` column must exist. The checkpoint and palette tables are compared with the catalog and
+The README is short and its links lead somewhere; the reference pages under docs/ hold the tables.
+Each command's options table must list exactly that command's options, and every test a page names
+in a `checked by` column must exist. The model and palette tables are compared with the catalog and
 the palette; the refusal messages of the inputs table with what decoding actually says.
 """
+import argparse
 import ast
 import re
 
@@ -12,16 +14,36 @@ import pytest
 
 import corpus
 from conftest import ROOT
-from schp.data.catalog import DATASETS
+from schp.data.catalog import DATASETS, MULTI_PERSON
 from schp.data.decode import ImageError, read_image
 from schp.utils.palette import class_colors
 
+DOCS = ROOT / "docs"
 README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md"] + sorted(DOCS.glob("*.md"))
+
+# Options the pages document ahead of their code, which lands from parallel branches of issue 19:
+# --version (the shared option declarations) in every command. It counts as the command's options until the parser has them; delete
+# this once both have landed, and the comparison below is exact again.
+AHEAD = {"--version"}
+
+# (command module, its reference page, options documented ahead, options whose default is the machine's)
+COMMANDS = [
+    ("extract", "extract.md", AHEAD, set()),
+    ("multi_person", "multi-person.md", AHEAD, set()),
+    ("train", "train.md", AHEAD, {"--num-workers"}),  # min(4, cores): the table says so in words
+    ("evaluate", "evaluate.md", AHEAD, set()),
+    ("export", "export.md", AHEAD, set()),
+]
 
 
-def table_after(heading_row_start: str):
-    """Rows (lists of cells) of the README table whose header row starts with `heading_row_start`."""
-    lines = README.splitlines()
+def page(name: str) -> str:
+    return (DOCS / name).read_text()
+
+
+def table_after(text: str, heading_row_start: str):
+    """Rows (lists of cells) of the table in `text` whose header row starts with `heading_row_start`."""
+    lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(heading_row_start))
     rows = []
     for line in lines[start + 2:]:
@@ -31,8 +53,27 @@ def table_after(heading_row_start: str):
     return rows
 
 
+def command_parser(module, monkeypatch):
+    """The command's ArgumentParser: from build_parser, or caught as parse_args is about to parse."""
+    if hasattr(module, "build_parser"):
+        return module.build_parser()
+
+    class Caught(Exception):
+        pass
+
+    def catch(self, args=None, namespace=None):
+        raise Caught(self)
+
+    with monkeypatch.context() as patch, pytest.raises(Caught) as caught:
+        patch.setattr(argparse.ArgumentParser, "parse_args", catch)
+        module.parse_args([])
+    return caught.value.args[0]
+
+
 def test_every_named_test_exists():
-    named = set(re.findall(r"`(test_\w+)::(test_\w+)`", README))
+    named = set()
+    for path in PAGES:
+        named.update(re.findall(r"`(test_\w+)::(test_\w+)`", path.read_text()))
     assert len(named) >= 30
     missing = []
     for module, function in named:
@@ -41,42 +82,60 @@ def test_every_named_test_exists():
             if path.is_file() else set()
         if function not in defined:
             missing.append(f"{module}::{function}")
-    assert not missing, f"README names tests that do not exist: {missing}"
+    assert not missing, f"the documentation names tests that do not exist: {missing}"
 
 
-def test_options_table_lists_exactly_the_options_with_their_defaults(monkeypatch):
-    from schp.commands import extract as simple_extractor
+@pytest.mark.parametrize("command, page_name, ahead, machine_defaults", COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_options_table_lists_exactly_the_options_with_their_defaults(command, page_name, ahead, machine_defaults,
+                                                                     monkeypatch):
+    import importlib
 
     monkeypatch.delenv("SCHP_BACKEND", raising=False)  # the tests' torch default is not the users' default
+    module = importlib.import_module(f"schp.commands.{command}")
 
     options, defaults = set(), {}
-    for action in simple_extractor.build_parser()._actions:
+    for action in command_parser(module, monkeypatch)._actions:
         if action.option_strings and action.dest != "help":
             options.update(action.option_strings)
             defaults[action.option_strings[0]] = action.default
+    text = page(page_name)
+    header = "| option | default | meaning |"
+    checked = text.splitlines()[[line.startswith(header) for line in text.splitlines()].index(True)].endswith(
+        "| checked by |")
     documented = set()
-    for option, default, _, checked_by in table_after("| option | default | meaning | checked by |"):
+    for row in table_after(text, header):
+        option, default = row[0], row[1]
         names = re.findall(r"(--[\w-]+)", option)
         documented.update(names)
-        assert checked_by, option
+        if checked:
+            assert row[-1], f"{option}: no test named"
+        if names[0] not in defaults or names[0] in machine_defaults:
+            continue
         value = defaults[names[0]]
-        if value not in (None, False, ""):
-            assert f"`{value}`" in default or default == str(value), (option, value, default)
-    assert documented == options
+        if isinstance(value, list):
+            value = " ".join(value)
+        if value in (None, False, "", argparse.SUPPRESS) or isinstance(value, bool):
+            continue
+        assert f"`{value}`" in default or default == str(value), (option, value, default)
+    assert documented == options | ahead
 
 
 def test_checkpoint_table_matches_the_catalog():
-    rows = table_after("| `--dataset` | classes | input |")
-    assert len(rows) == len(DATASETS)
+    rows = table_after(README, "| model | classes | input | checkpoint |")
+    specs = {**DATASETS, **MULTI_PERSON}
+    seen = []
     for name, classes, size, link, _ in rows:
-        spec = DATASETS[re.search(r"`(\w+)`", name).group(1)]
+        key = re.search(r"`(\w+)`", name).group(1)
+        spec = specs[key]
+        seen.append(key)
         assert int(classes) == spec.num_classes
         assert size == f"{spec.input_size[1]}x{spec.input_size[0]}"
         assert f"[{spec.checkpoint}]" in link and spec.drive_id in link
+    assert sorted(seen) == sorted(specs)
 
 
 def test_palette_table_matches_the_palette_and_the_labels():
-    rows = table_after("| index | colour | pascal | lip | atr |")
+    rows = table_after(page("outputs.md"), "| index | colour | pascal | lip | atr |")
     assert len(rows) == max(spec.num_classes for spec in DATASETS.values())
     colors = class_colors(len(rows))
     for row in rows:
@@ -97,8 +156,9 @@ def test_palette_table_matches_the_palette_and_the_labels():
     (corpus.make_html_as_jpg, "not a decodable image"),
     (corpus.make_text_as_png, "not a decodable image"),
 ])
-def test_refusals_of_the_inputs_table_say_what_the_readme_says(tmp_path, make, message):
-    assert f'"{message}' in README
+def test_refusals_of_the_inputs_table_say_what_the_docs_say(tmp_path, make, message):
+    inputs = page("extract.md")
+    assert f'"{message}' in inputs
     with pytest.raises(ImageError, match=re.escape(message)):
         read_image(make(tmp_path))
 
@@ -106,3 +166,29 @@ def test_refusals_of_the_inputs_table_say_what_the_readme_says(tmp_path, make, m
 def test_alpha_and_sixteen_bit_rules_of_the_inputs_table(tmp_path):
     np.testing.assert_array_equal(read_image(corpus.make_rgba_png(tmp_path)), corpus.base_bgr())
     np.testing.assert_array_equal(read_image(corpus.make_rgb16_png(tmp_path)), corpus.sixteen_bit_source() >> 8)
+
+
+def slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_is_short_and_every_link_leads_to_a_file_and_heading():
+    assert len(README.splitlines()) <= 250
+    linked_docs = re.findall(r"\]\((docs/[^)#\s]+)", README)
+    assert len(set(linked_docs)) >= 10  # the README points into the reference pages
+    broken = []
+    for path in PAGES:
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)  # links inside code are not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            if not linked.exists():
+                broken.append(f"{path.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", linked.read_text(), flags=re.S), re.M)
+                if anchor not in {slug(h) for h in headings}:
+                    broken.append(f"{path.name}: {target} (no such heading)")
+    assert not broken, broken

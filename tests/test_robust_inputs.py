@@ -124,7 +124,7 @@ def test_non_image_files_are_counted_in_one_line_with_quiet(tmp_path, capsys):
 
 
 def test_an_unexpected_failure_of_the_run_still_writes_summary_and_manifest(run_cli, tmp_path, monkeypatch):
-    import schp.runner
+    import schp.runs.loop
 
     inputs, out, summary = tmp_path / "in", tmp_path / "out", tmp_path / "run.json"
     inputs.mkdir()
@@ -132,9 +132,9 @@ def test_an_unexpected_failure_of_the_run_still_writes_summary_and_manifest(run_
     corpus.make_good_jpg(inputs)
     (out / "good.png").write_bytes(b"done before")  # nothing to compute: no model is loaded
 
-    def broken_run(self, tasks, overwrite=False):
+    def broken_run(job, tasks, overwrite=False, reporter=None):
         raise ValueError("a defect in the run loop")
-    monkeypatch.setattr(schp.runner.Runner, "run", broken_run)
+    monkeypatch.setattr(schp.runs.loop, "run", broken_run)
     code, _, err = run_cli("--input-dir", inputs, "--output-dir", out, "--summary", summary)
     assert code == 1
     lines = err.strip().splitlines()

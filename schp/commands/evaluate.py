@@ -51,6 +51,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--label-dir", default=None, metavar="NAME",
                    help="ground-truth folder under --data-dir (or absolute); default <split>_segmentations")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--multi-person", action="store_true", help="score multi_person.py outputs on the CIHP/VIP "
+                   "layout (options: evaluate.py --multi-person --help)")
     # parsed and unused by the original too
     p.add_argument("--arch", default="resnet101", choices=["resnet101"], help=argparse.SUPPRESS)
     p.add_argument("--ignore-label", type=int, default=255, help=argparse.SUPPRESS)
@@ -88,6 +90,9 @@ def write_summary(path: Path, fields: dict) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if "--multi-person" in (sys.argv[1:] if argv is None else argv):  # a mode with options of its own
+        from schp.commands.evaluate_multi_person import main as multi_person_main
+        return multi_person_main(argv)
     args = parse_args(argv)
     from schp.data.labelled import LabelledDataError, id_file
     from schp.checkpoint import CheckpointError

@@ -6,13 +6,10 @@ Mask R-CNN; the rest follows the released multi-person extension. Runs on CPU or
 Exit codes: 0 all good, 1 some input failed, 2 usage or set-up error, 130 interrupted.
 """
 import argparse
-import json
-import platform
 import sys
-from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
-from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError, parse_input_size
+from schp.cli import EXIT_INTERRUPTED, SetupError, parse_input_size
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -64,58 +61,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     p.add_argument("--summary", default=None, metavar="PATH", help="write a JSON manifest of the run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--label-map", default=None, metavar="FILE",
+                   help="write the class maps (global_parsing) in another label scheme: a JSON file with the "
+                        "target class names, the CIHP-to-target class mapping and an optional palette")
     return p.parse_args(argv)
 
 
-def make_source(args, names: List[str], device):
-    from schp.multi_person.instances import (Detectron2FileSource, MaskFolderSource, SourceError,
-                                             TorchvisionSource)
-    kind, rest = args.instances[0], args.instances[1:]
-    try:
-        if kind == "masks" and len(rest) == 1:
-            return MaskFolderSource(Path(rest[0]))
-        if kind == "detectron2" and len(rest) == 1:
-            return Detectron2FileSource(Path(rest[0]), args.image_list, names)
-        if kind == "torchvision" and not rest:
-            return TorchvisionSource(device, args.detector_weights, args.detector_min_size, args.detector_max_size)
-    except SourceError as err:
-        raise SetupError(str(err)) from None
-    raise SetupError(f"--instances {' '.join(args.instances)}: expected 'masks DIR', 'detectron2 FILE' or "
-                     "'torchvision'")
+# the engine's parameter -> this command's flag, where they differ
+FLAGS = {"global_checkpoint": "--global-restore", "local_checkpoint": "--local-restore", "scales": "--multi-scales",
+         "score_threshold": "--conf-thres", "expand": "--exp-ratio"}
 
 
-def plan(args):
-    from schp.data.listing import list_images
-    from schp.multi_person.outputs import output_paths
-    from schp.multi_person.pipeline import ImageTask
-
-    input_dir, output_dir = Path(args.input_dir), Path(args.output_dir)
-    if not input_dir.is_dir():
-        raise SetupError(f"--input-dir {input_dir}: no such folder")
-    if input_dir.resolve() == output_dir.resolve():
-        raise SetupError("--output-dir must differ from --input-dir")
-    images, others = list_images(input_dir)
-    for o in others:
-        print(f"skipping {input_dir / o}: not an image", file=sys.stderr)
-    tasks, owner = [], {}
-    for rel in images:
-        stem = rel.stem
-        if stem in owner:  # a.jpg and a.png would write the same outputs
-            print(f"error: {input_dir / rel}: its outputs would overwrite those of {owner[stem]}; "
-                  "rename one of them", file=sys.stderr)
-            continue
-        owner[stem] = input_dir / rel
-        tasks.append(ImageTask(input_dir / rel, str(rel), output_paths(output_dir, stem, not args.no_overlay)))
-    return tasks, len(images) - len(tasks)
-
-
-def load_parsers(args, device):
-    import dataclasses
-
-    from schp.data.catalog import MULTI_PERSON
-    from schp.checkpoint import CheckpointError
-    from schp.multi_person.parsing import load_parser
-
+def run_options(args) -> dict:
+    """The engine's options (schp.multi_person.run.MultiPersonOptions) from the command line's."""
     from schp.inference import parse_scales
 
     size = parse_input_size(args.input_size, 32)
@@ -123,92 +81,40 @@ def load_parsers(args, device):
         scales = parse_scales(args.multi_scales)
     except ValueError as err:
         raise SetupError(str(err)) from None
-    parsers, paths = [], []
-    for role, given in (("global", args.global_restore), ("local", args.local_restore)):
-        spec = dataclasses.replace(MULTI_PERSON[role], input_size=size)
-        try:
-            parser, path = load_parser(spec, given or None, allow_download=None, device=device,
-                                       precision=args.precision, flip=args.flip, scales=scales,
-                                       backend=args.backend)
-        except (CheckpointError, ValueError) as err:
-            raise SetupError(f"--{role}-restore: {err}") from None
-        parsers.append(parser)
-        paths.append(path)
-    return parsers, paths
-
-
-def write_manifest(path: Path, args, source, checkpoints, device, report) -> None:
-    import torch
-    from schp.utils.outputs import atomic_path
-
-    manifest = {
-        "seconds": round(report.seconds, 3),
-        "interrupted": report.interrupted,
-        "instances": source.describe() if source is not None else " ".join(args.instances),
-        "checkpoints": {"global": str(checkpoints[0]), "local": str(checkpoints[1])} if checkpoints else None,
-        "device": str(device) if device is not None else None,
-        "precision": args.precision, "backend": args.backend, "flip": args.flip, "multi_scales": args.multi_scales,
-        "input_size": args.input_size, "jpeg_roundtrip": not args.no_jpeg_roundtrip,
-        "legacy_person_count": args.legacy_person_count,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "totals": {s: report.count(s) for s in ("processed", "skipped", "failed", "not-run")},
-        "images": [{"input": str(o.task.source), "status": o.status, "reason": o.reason, "persons": o.persons,
-                    "parts": o.parts, "seconds": round(o.seconds, 3) or None,
-                    "outputs": {k: str(v) for k, v in o.task.outputs.items()}} for o in report.outcomes],
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    return dict(instances=tuple(args.instances), image_list=args.image_list, detector_weights=args.detector_weights,
+                detector_min_size=args.detector_min_size, detector_max_size=args.detector_max_size,
+                global_checkpoint=args.global_restore, local_checkpoint=args.local_restore, flip=args.flip,
+                scales=scales, input_size=size, score_threshold=args.conf_thres,
+                overlap_threshold=args.overlap_threshold, expand=args.exp_ratio,
+                jpeg_roundtrip=not args.no_jpeg_roundtrip, legacy_person_count=args.legacy_person_count,
+                overlay=not args.no_overlay, device=args.device, gpu=args.gpu, precision=args.precision,
+                backend=args.backend, batch_size=args.batch_size, num_workers=args.num_workers,
+                overwrite=args.overwrite, summary=args.summary, label_map=args.label_map)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.batch_size < 1 or args.num_workers < 0:
-            raise SetupError("--batch-size must be >= 1 and --num-workers >= 0")
-        from schp.inference import select_device
-        from schp.utils.outputs import check_writable
+    from schp.runs.loop import stop_signals_as_interrupt
+    with stop_signals_as_interrupt():
         try:
-            device = select_device(args.device, args.gpu)
-        except (ValueError, RuntimeError) as err:
-            raise SetupError(str(err)) from None
-        tasks, refused = plan(args)
-        try:
-            check_writable(Path(args.output_dir))
-        except OSError as err:
-            raise SetupError(f"cannot write to {args.output_dir}: {err.strerror or err}") from None
-        todo = [t for t in tasks if args.overwrite or not t.is_done()]
-        source, parsers, checkpoints = None, (None, None), None
-        if todo:  # nothing to compute: no model, no detector
-            source = make_source(args, sorted(t.source.name for t in tasks), device)
-            parsers, checkpoints = load_parsers(args, device)
-    except SetupError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_SETUP
+            return _main(argv)
+        except KeyboardInterrupt:
+            print("interrupted before any input was processed", file=sys.stderr)
+            return EXIT_INTERRUPTED
 
-    import cv2
-    from schp.multi_person.pipeline import MultiPersonRunner, Settings
-    cv2.setNumThreads(1)
-    settings = Settings(args.conf_thres, args.overlap_threshold, args.exp_ratio, not args.no_jpeg_roundtrip,
-                        args.legacy_person_count, args.batch_size, args.num_workers, args.quiet)
-    report = MultiPersonRunner(parsers[0], parsers[1], source, settings).run(tasks, args.overwrite)
-    print(report.summary_line(), file=sys.stderr)
-    if args.summary:
-        try:
-            write_manifest(Path(args.summary), args, source, checkpoints, device, report)
-        except OSError as err:
-            print(f"error: cannot write --summary {args.summary}: {err.strerror or err}", file=sys.stderr)
-            return EXIT_FAILED
-    if report.interrupted:
-        return EXIT_INTERRUPTED
-    if report.count("failed") or refused:
-        return EXIT_FAILED
-    return EXIT_OK
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = parse_args(argv)
+    from schp.commands.console import ConsoleReporter, error_line
+    from schp.errors import SCHPError
+    try:
+        from schp.multi_person.run import prepare_multi_person
+        report = prepare_multi_person(args.input_dir, args.output_dir, **run_options(args)).execute(
+            ConsoleReporter(args.quiet))
+    except SCHPError as err:
+        print(error_line(err, FLAGS), file=sys.stderr)
+        return err.exit_code
+    return report.exit_code()
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted before any input was processed", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(main())

@@ -17,6 +17,8 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
+from schp.errors import SCHPError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Inputs with more pixels are refused before decoding (the decoded image alone takes 3 bytes a pixel).
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -29,7 +31,7 @@ JPEG_RST = frozenset(range(0xD0, 0xD8))
 _PIL_LOCK = threading.Lock()
 
 
-class ImageError(Exception):
+class ImageError(SCHPError):
     """An input that cannot be parsed; the message is the reason, for one line naming the file."""
 
 

@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from schp.errors import SCHPError, SetupError
+
 PERSON_COCO_LABEL = 1  # torchvision's COCO category id of "person"
 # The original detector's test settings, mirrored on torchvision's Mask R-CNN
 DETECTOR_SCORE_THRESH = 0.5
@@ -24,11 +26,11 @@ DETECTOR_MIN_SIZE, DETECTOR_MAX_SIZE = 800, 1333
 MASK_THRESHOLD = 0.5
 
 
-class InstanceError(Exception):
+class InstanceError(SCHPError):
     """The instances of one image cannot be had; the message is the reason."""
 
 
-class SourceError(Exception):
+class SourceError(SetupError):
     """The instance source cannot be used at all (set-up error)."""
 
 

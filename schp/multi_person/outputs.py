@@ -96,12 +96,16 @@ def instances_record(image_name: str, height: int, width: int, people: People, s
     }
 
 
-def save_outputs(paths: Dict[str, Path], image: np.ndarray, fused: Fused, record: Dict) -> None:
+def save_outputs(paths: Dict[str, Path], image: np.ndarray, fused: Fused, record: Dict, label_map=None) -> None:
     """Every output of one image; each file appears complete or not at all. The record goes last, so
-    a run cut short redoes the image."""
+    a run cut short redoes the image. `label_map` rewrites the class map (global_parsing) into another
+    label scheme; the part classes of the .txt files stay CIHP's, as the multi-person evaluation reads them."""
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    save_label_png(fused.classes, PALETTE, paths["global_parsing"])
+    if label_map is not None:
+        save_label_png(label_map.apply(fused.classes), label_map.palette, paths["global_parsing"])
+    else:
+        save_label_png(fused.classes, PALETTE, paths["global_parsing"])
     save_label_png(fused.parts, PALETTE, paths["instance_parsing"])
     save_text(confidence_lines(fused), paths["instance_txt"])
     save_label_png(fused.persons.astype(np.uint8), PALETTE, paths["global_tag"])

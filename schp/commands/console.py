@@ -1,0 +1,46 @@
+"""What the commands show on the terminal: the run loop's lines and progress bars, on stderr.
+
+The engine reports through schp.runs.loop.Reporter and stays silent; this is the printing one.
+"""
+import os
+import sys
+from typing import Iterable, Optional
+
+from schp.errors import SCHPError
+
+
+class ConsoleReporter:
+    """Lines and tqdm progress bars on stderr (no bars with quiet); lines never tear a bar."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+
+    def line(self, text: str) -> None:
+        from tqdm import tqdm
+        tqdm.write(text, file=sys.stderr)
+
+    def bar(self, total: Optional[int], initial: int = 0, unit: str = "img", desc: Optional[str] = None,
+            leave: bool = True):
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, unit=unit, desc=desc, file=sys.stderr, disable=self.quiet,
+                    dynamic_ncols=True, leave=leave)
+
+
+def error_line(err: SCHPError, flags: Optional[dict] = None) -> str:
+    """`error: ...` for an engine error, its parameters named by this command's flags."""
+    def flag(name: str) -> str:
+        return (flags or {}).get(name, "--" + name.replace("_", "-"))
+    return f"error: {err.describe(flags=flag)}"
+
+
+def emit(lines: Iterable[str]) -> None:
+    """Print listing lines to stdout; a reader that stops early (`| head`) ends the listing quietly."""
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # nobody reads any more: point stdout at /dev/null so the interpreter's final flush is silent
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)

@@ -1,0 +1,362 @@
+"""The parsing job of the run loop: images and video frames through one crop -> network -> warp path.
+
+An image task gives one unit, a video task one per parsed frame (every Nth) and a closing one; both
+are cropped in the prepare stage, run through the same batched forward pass, and inverse-warped in
+the write stage, so a frame's map equals that of the frame saved as a PNG and parsed as an image.
+
+A video `<stem>.mp4` (or .avi .mov .mkv .webm) gives `<stem>/frame_000000.png`... (palette maps named
+by source frame index, `.npy` logits beside them with logits) and `<stem>_parsing.mp4` (the colour
+maps), plus `<stem>_overlay.mp4` with overlay, at the source size and frame rate (divided by every).
+Frame maps are written as they are made and a frame whose outputs exist is not parsed again, so a
+stopped run resumes where it ended. The two videos are written to temporaries while decoding and
+renamed at the end, only when the whole video decoded: a truncated file leaves its frame maps and one
+error line, no video.
+"""
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from schp.data.crop import Prepared, SimpleFolderDataset, collate_prepared, prepare_image
+from schp.data.decode import DEFAULT_MAX_PIXELS, read_image
+from schp.data.label_map import LabelMap
+from schp.errors import SCHPError
+from schp.inference import HumanParser, labels_from_logits
+from schp.runs.loop import Job, Unit
+from schp.runs.workers import start_workers, stop_workers, worker_init
+from schp.utils.outputs import (atomic_path, blend_overlay, colorize_bgr, integratedpifu_codes, npy_memmap,
+                                save_label_png, save_npy, save_overlay)
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+OUTPUT_FOURCC = "mp4v"  # the MPEG-4 encoder every OpenCV wheel's FFmpeg has (H.264 often is missing)
+DEFAULT_FPS = 25.0  # when a file states no frame rate
+
+
+def is_video_name(name: str) -> bool:
+    return name.lower().endswith(VIDEO_EXTENSIONS)
+
+
+class VideoError(SCHPError):
+    """A video that cannot be (fully) decoded or written; the message is the reason."""
+
+
+@dataclass
+class ImageTask:
+    """One input image and the outputs it should produce (None = not asked for)."""
+    source: Path
+    name: str  # how messages name the input (relative to the input root)
+    png: Optional[Path] = None  # palette label map
+    codes: Optional[Path] = None  # IntegratedPIFu float32 code map
+    logits: Optional[Path] = None  # H x W x C float32 logits
+    overlay: Optional[Path] = None  # colour map over the image, JPEG
+    refusal: Optional[str] = None  # known before the run not to be doable (e.g. an output name clash)
+
+    @property
+    def outputs(self) -> List[Path]:
+        return [p for p in (self.png, self.codes, self.logits, self.overlay) if p is not None]
+
+    def is_done(self) -> bool:
+        return all(p.exists() for p in self.outputs)
+
+    def plan(self, overwrite: bool) -> str:
+        """What a run does with this task: "fail" (refused), "skip" (outputs exist) or "process"."""
+        if self.refusal:
+            return "fail"
+        return "skip" if not overwrite and self.is_done() else "process"
+
+
+@dataclass
+class VideoTask:
+    """One video file and its outputs; `plan` and `outputs` as for an ImageTask."""
+    source: Path
+    name: str
+    frames: Path  # folder of frame_NNNNNN.png maps (and .npy logits)
+    parsing: Path  # colour-map video
+    overlay: Optional[Path] = None  # colour maps over the frames
+    logits: bool = False
+    every: int = 1
+    refusal: Optional[str] = None
+
+    @property
+    def outputs(self) -> List[Path]:
+        return [p for p in (self.frames, self.parsing, self.overlay) if p is not None]
+
+    def frame_paths(self, index: int) -> Tuple[Path, Optional[Path]]:
+        png = self.frames / f"frame_{index:06d}.png"
+        return png, png.with_suffix(".npy") if self.logits else None
+
+    def frame_done(self, index: int) -> bool:
+        return all(p is None or p.exists() for p in self.frame_paths(index))
+
+    def is_done(self) -> bool:
+        if not (self.parsing.exists() and (self.overlay is None or self.overlay.exists())):
+            return False
+        if self.logits:  # logits asked after a run without them: the frames still need their logits
+            names = set(os.listdir(self.frames)) if self.frames.is_dir() else set()
+            return all(n[:-4] + ".npy" in names for n in names if n.startswith("frame_") and n.endswith(".png"))
+        return True
+
+    def plan(self, overwrite: bool) -> str:
+        if self.refusal:
+            return "fail"
+        return "skip" if not overwrite and self.is_done() else "process"
+
+
+def video_task(input_dir: Path, output_dir: Path, rel: Path, logits: bool, overlay: bool,
+               every: int) -> VideoTask:
+    """The outputs of video `rel` (relative to the input folder) under `output_dir`."""
+    stem = output_dir / rel.with_suffix("")
+    return VideoTask(source=input_dir / rel, name=str(rel), frames=stem,
+                     parsing=stem.with_name(stem.name + "_parsing.mp4"),
+                     overlay=stem.with_name(stem.name + "_overlay.mp4") if overlay else None,
+                     logits=logits, every=every)
+
+
+def open_video(path: Path):
+    """A cv2.VideoCapture on `path` (FFmpeg's own console messages silenced), or VideoError."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # read once, when FFmpeg is first used
+    import cv2
+
+    if not path.is_file():
+        raise VideoError("cannot read: no such file")
+    if path.stat().st_size == 0:
+        raise VideoError("empty file (0 bytes)")
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    if not capture.isOpened():
+        raise VideoError("cannot be opened as a video (damaged, truncated, or a codec OpenCV lacks)")
+    return capture
+
+
+def _open_writer(path: Path, fps: float, size: Tuple[int, int]):
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*OUTPUT_FOURCC), fps, size)
+    if not writer.isOpened():
+        raise VideoError(f"OpenCV cannot write {path.suffix} video here (no {OUTPUT_FOURCC} encoder)")
+    return writer
+
+
+def _read_map(png: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(png) as image:
+        return np.asarray(image)
+
+
+@dataclass
+class Frame:
+    """A video frame in the run: its source index, pixels and crop (None when parsed before)."""
+    index: int
+    pixels: np.ndarray
+    item: Optional[Prepared]
+
+
+class _OpenVideo:
+    """A video being parsed: its encoders (temporaries, renamed when the whole video decoded)."""
+
+    def __init__(self):
+        self.stack = ExitStack()
+        self.writers: Dict[str, Any] = {}
+
+
+class ParseJob(Job):
+    """Label maps (and logits, overlays, IntegratedPIFu codes, videos) with one HumanParser.
+
+    `parser` None: every task is already done (nothing is computed). `label_map` rewrites the maps
+    into another label scheme before they are written (logits and IntegratedPIFu codes stay in the
+    model's own classes).
+    """
+
+    def __init__(self, parser: Optional[HumanParser], palette: Sequence[int], batch_size: int = 1,
+                 num_workers: int = 1, write_threads: int = 2, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                 label_map: Optional[LabelMap] = None, overwrite: bool = False, reporter=None):
+        self.parser, self.batch_size, self.num_workers = parser, batch_size, num_workers
+        self.overwrite = overwrite  # frames whose maps exist are parsed again
+        self.write_threads, self.max_pixels = write_threads, max_pixels
+        self.label_map = label_map
+        self.palette = label_map.palette if label_map is not None else palette
+        self.reporter = reporter
+        self._batches = None
+        self._tasks: Sequence = ()
+        self._videos: Dict[int, _OpenVideo] = {}  # by id of the task
+
+    def output_folders(self, tasks: Sequence):
+        folders = set(super().output_folders(tasks))
+        return sorted(folders | {t.frames for t in tasks if isinstance(t, VideoTask)})
+
+    # -- prepare: images decoded and cropped in worker processes, then the videos' frames in order
+    def prepare(self, tasks: Sequence) -> Iterator[Unit]:
+        self._tasks = tasks
+        images = [(k, t) for k, t in enumerate(tasks) if not isinstance(t, VideoTask)]
+        if images:
+            loader = DataLoader(SimpleFolderDataset([t.source for _, t in images], self.parser.spec.input_size,
+                                                    self.max_pixels),
+                                batch_size=self.batch_size, num_workers=self.num_workers,
+                                collate_fn=collate_prepared, worker_init_fn=worker_init,
+                                prefetch_factor=2 if self.num_workers else None)
+            self._batches = start_workers(loader)
+            for items in self._batches:
+                for item in items:
+                    yield Unit(images[item.index][0], item, item.error, item.width, item.height)
+            self.stop()
+        for k, task in enumerate(tasks):
+            if isinstance(task, VideoTask):
+                yield from self._frames(k, task)
+
+    def _frames(self, k: int, task: VideoTask) -> Iterator[Unit]:
+        try:
+            capture = open_video(task.source)
+        except VideoError as err:
+            yield Unit(k, error=str(err))
+            return
+        bar = None
+        try:
+            count = int(capture.get(7))  # CAP_PROP_FRAME_COUNT: from the container, 0 or less if unknown
+            fps = capture.get(5) or DEFAULT_FPS  # CAP_PROP_FPS
+            if not np.isfinite(fps) or fps <= 0:
+                fps = DEFAULT_FPS
+            if self.reporter is not None:
+                bar = self.reporter.bar(total=(count + task.every - 1) // task.every if count > 0 else None,
+                                        unit="frame", desc=task.name, leave=False)
+            video = self._videos[id(task)] = _OpenVideo()
+            index = width = height = 0
+            while True:
+                if index % task.every:
+                    if not capture.grab():
+                        break
+                    index += 1
+                    continue
+                ok, pixels = capture.read()
+                if not ok:
+                    break
+                if not video.writers:
+                    height, width = pixels.shape[:2]
+                    self._open_writers(task, video, fps / task.every, (width, height))
+                done = not self.overwrite and task.frame_done(index)
+                item = None if done else prepare_image(0, pixels, self.parser.spec.input_size)
+                if bar is not None:
+                    bar.update(1)
+                yield Unit(k, Frame(index, pixels, item), None, width, height, last=False, compute=not done)
+                index += 1
+            reason = None
+            if not video.writers:
+                reason = "no frame could be decoded (damaged file, or a codec OpenCV lacks)"
+            elif count > 0 and count - index > 1:  # a stated count may be one off when estimated
+                parsed = (index + task.every - 1) // task.every
+                reason = (f"decoding stopped at frame {index} of {count} (truncated or damaged); the {parsed} "
+                          f"frame maps before it are in {task.frames}, no video written; run again once the "
+                          "file is complete to finish it")
+            yield Unit(k, None, reason, width, height, last=True, compute=False)
+        except VideoError as err:
+            yield Unit(k, None, str(err), last=True, compute=False)
+        finally:
+            capture.release()
+            if bar is not None:
+                bar.close()
+
+    def _open_writers(self, task: VideoTask, video: _OpenVideo, fps: float, size: Tuple[int, int]) -> None:
+        task.frames.mkdir(parents=True, exist_ok=True)
+        for key, path in (("parsing", task.parsing), ("overlay", task.overlay)):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = video.stack.enter_context(atomic_path(path))
+                video.writers[key] = _open_writer(tmp, fps, size)
+                video.stack.callback(video.writers[key].release)  # runs before the rename
+
+    def stop(self) -> bool:
+        batches, self._batches = self._batches, None
+        return stop_workers(batches) if batches is not None else False
+
+    # -- forward: the network on a batch of crops, in the calling thread
+    def forward(self, units: List[Unit]) -> List[Dict[str, Any]]:
+        items = [u.payload.item if isinstance(u.payload, Frame) else u.payload for u in units]
+        logits = self.parser.logits(torch.from_numpy(np.stack([item.image for item in items])))
+        host = None
+        works = []
+        for k, (unit, item) in enumerate(zip(units, items)):
+            if self.parser.postprocess_on_device and not self._wants_logits(unit):
+                works.append(dict(labels=self.parser.labels(logits[k], item.center, item.scale, item.width,
+                                                            item.height)))
+            else:
+                if host is None:
+                    host = logits.permute(0, 2, 3, 1).cpu().numpy()  # N x in_h x in_w x C
+                works.append(dict(logits=host[k]))
+        return works
+
+    def _wants_logits(self, unit: Unit) -> bool:
+        return bool(self._tasks[unit.index].logits)
+
+    # -- write: inverse warp, argmax and files, in a writer thread
+    def write(self, task, unit: Unit, work):
+        if isinstance(task, VideoTask):
+            return self._write_frame(task, unit, work)
+        write_image(task, unit.payload, self.parser.spec.input_size, self.palette, self.label_map, **work)
+        return None
+
+    def _write_frame(self, task: VideoTask, unit: Unit, work) -> Optional[np.ndarray]:
+        frame: Optional[Frame] = unit.payload
+        if frame is None:  # the closing unit
+            return None
+        png, npy = task.frame_paths(frame.index)
+        if work is None:  # parsed by an earlier run
+            return _read_map(png)
+        item = frame.item
+        size = self.parser.spec.input_size
+        labels, full = work.get("labels"), None
+        if labels is None:
+            if npy is not None:
+                full = np.empty((item.height, item.width, work["logits"].shape[2]), dtype=np.float32)
+            labels = labels_from_logits(work["logits"], item.center, item.scale, item.width, item.height, size, full)
+        if npy is not None:
+            save_npy(full, npy)
+        labels = self.label_map.apply(labels) if self.label_map is not None else labels
+        save_label_png(labels, self.palette, png)
+        return labels
+
+    def collected(self, task, unit: Unit, result) -> None:
+        """A video's frames reach its encoders in order."""
+        if not isinstance(task, VideoTask) or unit.payload is None:
+            return
+        video = self._videos[id(task)]
+        video.writers["parsing"].write(colorize_bgr(result, self.palette))
+        if "overlay" in video.writers:
+            video.writers["overlay"].write(blend_overlay(unit.payload.pixels, result, self.palette))
+
+    def finish(self, task, ok: bool) -> None:
+        """A video's encoders close; its files are renamed into place only if every frame went well."""
+        video = self._videos.pop(id(task), None)
+        if video is None:
+            return
+        if ok:
+            video.stack.close()
+        else:
+            failure = VideoError("not finished")
+            video.stack.__exit__(VideoError, failure, None)
+
+
+def write_image(task: ImageTask, item: Prepared, input_size: Tuple[int, int], palette: Sequence[int],
+                label_map: Optional[LabelMap] = None, logits: Optional[np.ndarray] = None,
+                labels: Optional[np.ndarray] = None) -> None:
+    """Write every asked output of one image, from its label map or, on the CPU path, from its
+    in_h x in_w x C logits (inverse warp + argmax here, in a writer thread)."""
+    for path in task.outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if labels is None:
+        if task.logits is not None:
+            with npy_memmap(task.logits, (item.height, item.width, logits.shape[2])) as full:
+                labels = labels_from_logits(logits, item.center, item.scale, item.width, item.height, input_size,
+                                            full)
+        else:
+            labels = labels_from_logits(logits, item.center, item.scale, item.width, item.height, input_size)
+    if task.codes is not None:
+        save_npy(integratedpifu_codes(labels), task.codes)
+    shown = label_map.apply(labels) if label_map is not None else labels
+    if task.overlay is not None:
+        save_overlay(read_image(task.source), shown, palette, task.overlay)
+    if task.png is not None:
+        save_label_png(shown, palette, task.png)
