@@ -7,13 +7,14 @@ own decode-crop-model-warp path. So a map from here equals, bit for bit, the PNG
 writes for the same image with the same options.
 """
 import os
-import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from schp.data.catalog import DATASETS, DatasetSpec
+from schp.errors import ParameterError
 
 COLORS = ("bgr", "rgb")
 Labels = np.ndarray  # H x W uint8 class indices
@@ -26,7 +27,8 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
 
     `checkpoint` None means checkpoints/<released file of spec> in the repository, downloaded when
     missing (a given path is downloaded only if it has the released file name). `options` go to
-    HumanParser (flip, scales, backend...). Raises CheckpointError or ValueError with one sentence.
+    HumanParser (flip, scales, backend...). Raises CheckpointError or ParameterError (a ValueError)
+    with one sentence naming the parameter; warns (SCHPWarning) where a setting is slow on this machine.
     """
     import torch
     from schp.inference import load_human_parser, select_device, slow_bf16_warning
@@ -34,19 +36,19 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
     try:
         device = device if isinstance(device, torch.device) else select_device(str(device), gpu)
     except RuntimeError as err:  # torch.device("bogus")
-        raise ValueError(str(err)) from None
+        raise ParameterError(str(err).splitlines()[0], "device", device) from None
     warning = slow_bf16_warning(device, precision)
     if warning:
-        print(warning, file=sys.stderr)
+        warnings.warn(warning, stacklevel=2)
     return load_human_parser(spec, checkpoint, device, precision, allow_tf32=allow_tf32, **options)
 
 
 def _check_color(color: Optional[str], what: str) -> str:
     if color is None:
-        raise ValueError(f"{what}: say which channel order it holds: color='bgr' (OpenCV) or "
+        raise ParameterError(f"{what}: say which channel order it holds: color='bgr' (OpenCV) or "
                          "color='rgb' (PIL, imageio, matplotlib)")
     if color not in COLORS:
-        raise ValueError(f"color must be 'bgr' or 'rgb', not {color!r}")
+        raise ParameterError(f"must be 'bgr' or 'rgb', not {color!r}", "color", color)
     return color
 
 
@@ -61,7 +63,7 @@ def _pil_to_bgr(image) -> np.ndarray:
         grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     if mode == "F":
-        raise ValueError("a PIL image in mode 'F' (32-bit float) is not supported: convert it to 8-bit "
+        raise ParameterError("a PIL image in mode 'F' (32-bit float) is not supported: convert it to 8-bit "
                          "(e.g. Image.fromarray(np.uint8(...))) first")
     rgb = np.asarray(image if mode == "RGB" else image.convert("RGB"))
     return np.ascontiguousarray(rgb[:, :, ::-1])
@@ -72,13 +74,13 @@ def _array_to_bgr(array: np.ndarray, color: Optional[str]) -> np.ndarray:
         raise TypeError(f"image arrays must be uint8 (0-255), not {array.dtype}: convert with "
                         "np.clip(x * 255, 0, 255).astype(np.uint8) for 0-1 floats, or x.astype(np.uint8)")
     if array.size == 0:
-        raise ValueError(f"the image array is empty (shape {array.shape})")
+        raise ParameterError(f"the image array is empty (shape {array.shape})")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim == 2:  # grey, replicated as imread does
         return np.ascontiguousarray(np.repeat(array[:, :, None], 3, axis=2))
     if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise ValueError(f"an image array must be H x W (grey), H x W x 3 (colour) or H x W x 4 (colour "
+        raise ParameterError(f"an image array must be H x W (grey), H x W x 3 (colour) or H x W x 4 (colour "
                          f"and alpha), not shape {array.shape}")
     order = _check_color(color, f"an H x W x {array.shape[2]} array")
     pixels = array[:, :, :3]  # alpha dropped, as imread does
@@ -97,7 +99,7 @@ def to_bgr(image, color: Optional[str] = None) -> np.ndarray:
         try:
             return read_image(Path(image))
         except ImageError as err:
-            raise ValueError(f"{image}: {err}") from None
+            raise ParameterError(f"{image}: {err}") from None
     if isinstance(image, np.ndarray):
         return _array_to_bgr(image, color)
     try:
@@ -133,9 +135,9 @@ class SCHP:
         from schp.utils.palette import get_palette
 
         if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}: one of {', '.join(sorted(DATASETS))}")
+            raise ParameterError(f"unknown dataset, expected one of {', '.join(sorted(DATASETS))}", "dataset", dataset)
         if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+            raise ParameterError("must be >= 1", "batch_size", batch_size)
         self.spec = DATASETS[dataset]
         self.label_map = resolve_label_map(labels_map, self.spec.labels)  # checked before the model loads
         self.parser, self.checkpoint = load_parser(self.spec, checkpoint, device, None, precision, allow_tf32,
@@ -190,7 +192,7 @@ class SCHP:
         bgr = to_bgr(image, order)
         labels = self._check_labels(labels)
         if labels.shape != bgr.shape[:2]:
-            raise ValueError(f"labels {labels.shape} and image {bgr.shape[:2]} differ in size")
+            raise ParameterError(f"labels {labels.shape} and image {bgr.shape[:2]} differ in size")
         out = blend_overlay(bgr, labels, self.palette, alpha)
         return out if _check_color(order, "overlay") == "bgr" else np.ascontiguousarray(out[:, :, ::-1])
 
@@ -205,11 +207,11 @@ class SCHP:
     def _check_labels(self, labels) -> np.ndarray:
         labels = np.asarray(labels)
         if labels.ndim != 2 or labels.dtype != np.uint8:
-            raise ValueError(f"labels must be an H x W uint8 map (from parse), not {labels.dtype} {labels.shape}")
+            raise ParameterError(f"labels must be an H x W uint8 map (from parse), not {labels.dtype} {labels.shape}")
         count = len(self.labels)
         if labels.size and labels.max() >= count:
-            raise ValueError(f"labels hold class {labels.max()}, beyond the {count} of "
-                             f"{'the label map' if self.label_map else self.spec.name}")
+            raise ParameterError(f"labels hold class {labels.max()}, beyond the {count} of "
+                                 f"{'the label map' if self.label_map else self.spec.name}")
         return labels
 
     def __repr__(self) -> str:

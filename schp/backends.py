@@ -9,19 +9,20 @@ verified like `export.py` does, and written atomically.
 from __future__ import annotations
 
 import hashlib
-import os
-import sys
+import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional
 
 import numpy as np
 
+from schp.choices import BACKENDS, DEFAULT_BACKEND  # noqa: F401  (re-exported)
 from schp.data.catalog import DatasetSpec
+from schp.errors import ParameterError, SCHPWarning
 
 if TYPE_CHECKING:  # torch is imported where it is used: `--help` and `--legend` stay quick
     import torch
 
-BACKENDS = ("torch", "onnxruntime", "openvino")
 # Part of the cached export's name: raised whenever the network's graph changes (same maps, other
 # operations), so that a cache filled by an older version is exported anew instead of reused.
 # 2: convolutions over upsampled maps computed at the maps' own size (networks.ce2p).
@@ -29,21 +30,12 @@ GRAPH_REVISION = 2
 # "auto" picks the first installed one of these on the CPU; measured by benchmarks/throughput.py
 AUTO_ORDER = ("openvino", "onnxruntime", "torch")
 PACKAGES = {"onnxruntime": ("onnxruntime", "onnxscript"), "openvino": ("openvino", "onnxscript")}
-DEFAULT_BACKEND = "auto"
+log = logging.getLogger(__name__)
 
 
-class BackendError(ValueError):
-    """A backend that cannot run here (missing package, unsupported device or precision): one sentence."""
-
-
-def add_backend_argument(parser, default: Optional[str] = None) -> None:
-    """The shared `--backend` option of the commands that run the network (default: $SCHP_BACKEND or auto)."""
-    parser.add_argument(
-        "--backend", default=default or os.environ.get("SCHP_BACKEND") or DEFAULT_BACKEND,
-        choices=("auto",) + BACKENDS,
-        help="what runs the network: torch, or onnxruntime / openvino on an ONNX file exported once into "
-             "the checkpoint cache; auto = the fastest installed that keeps the maps (openvino, then "
-             "onnxruntime, then torch) in fp32 on the CPU, else torch; $SCHP_BACKEND sets the default")
+class BackendError(ParameterError):
+    """A backend that cannot run here (missing package, unsupported device or precision): one sentence,
+    about the parameter `backend` where it is the backend's own limit (a set-up error, and a ValueError)."""
 
 
 def missing_packages(backend: str):
@@ -66,18 +58,18 @@ def resolve_backend(name: str, device: torch.device, precision: str = "fp32") ->
             return "torch"
         return next(b for b in AUTO_ORDER if b == "torch" or not missing_packages(b))
     if name not in BACKENDS:
-        raise BackendError(f"--backend {name}: unknown (one of auto, {', '.join(BACKENDS)})")
+        raise BackendError(f"unknown (one of auto, {', '.join(BACKENDS)})", "backend", name)
     if name == "torch":
         return name
     missing = missing_packages(name)
     if missing:
-        raise BackendError(f"--backend {name} needs the package '{missing[0]}', which is not installed "
-                           "(pip install -r requirements-runtimes.txt)")
+        raise BackendError(f"needs the package '{missing[0]}', which is not installed "
+                           "(pip install -r requirements-runtimes.txt)", "backend", name)
     if device.type != "cpu":
-        raise BackendError(f"--backend {name} runs on the CPU only; use --backend torch on {device}")
+        raise BackendError(f"runs on the CPU only; use the torch backend on {device}", "backend", name)
     allowed = ("fp32", "bf16") if name == "openvino" else ("fp32",)
     if precision not in allowed:
-        raise BackendError(f"--backend {name} supports --precision {' or '.join(allowed)}, not {precision}")
+        raise BackendError(f"supports the precision {' or '.join(allowed)}, not {precision}", "backend", name)
     return name
 
 
@@ -109,8 +101,7 @@ def cached_onnx(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_di
     if path.is_file():
         return path
     if not quiet:
-        print(f"exporting the {spec.name} network to {path} (once per checkpoint; takes a while)",
-              file=sys.stderr, flush=True)
+        log.info("exporting the %s network to %s (once per checkpoint; takes a while)", spec.name, path)
     try:
         export(spec, state_dict, path, "onnx", DEFAULT_OPSET, dynamic_batch=True, dynamic_size=True)
     except ExportError as err:
@@ -192,8 +183,8 @@ def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dic
     except BackendError as err:
         if name != "auto":
             raise
-        print(f"note: --backend auto: {backend} unusable ({err}); running the network with torch",
-              file=sys.stderr, flush=True)
+        warnings.warn(SCHPWarning(f"{backend} unusable ({err.reason if isinstance(err, BackendError) else err}); "
+                                  "running the network with torch", "backend", name), stacklevel=2)
         return "torch", None
 
 

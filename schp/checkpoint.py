@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 
 from schp.data.catalog import DatasetSpec, dataset_for_num_classes
+from schp.errors import SetupError
 from schp.networks import build_ce2p
 
 PREFIX = "module."  # the released files were saved from nn.DataParallel
@@ -25,7 +26,7 @@ CLASSIFIER_KEY = "fushion.3.weight"
 CLASSIFIER_HEADS = ("decoder.conv4.", "fushion.3.")  # the layers whose size is the class count
 
 
-class CheckpointError(Exception):
+class CheckpointError(SetupError):
     """A checkpoint that cannot be used; the message is one sentence for the user."""
 
 

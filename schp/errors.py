@@ -9,16 +9,13 @@ from typing import Any, Callable, Dict, Optional
 EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-
-class SCHPError(Exception):
+class _AboutParameter:
     """One sentence for the user; `parameter` / `value` name what was wrong where a caller passed it.
 
     The reason may mention other parameters as `{name}` with their values in `mentions` (`...` for
     none); they are named the same way as `parameter` (`dataset='pascal'`, or by a command
     `--dataset pascal`).
     """
-
-    exit_code = EXIT_FAILED
 
     def __init__(self, reason: str, parameter: Optional[str] = None, value: Any = ...,
                  mentions: Optional[Dict[str, Any]] = None):
@@ -44,10 +41,25 @@ class SCHPError(Exception):
         return f"{shown(self.parameter, self.value, flag)}: {reason}"
 
 
+class SCHPError(_AboutParameter, Exception):
+    """The base of the engine's errors; `exit_code` is what a command ends with when it stops on one."""
+
+    exit_code = EXIT_FAILED
+
+
 class SetupError(SCHPError):
     """A problem found before any work (arguments, folders, checkpoint, device): nothing was started."""
 
     exit_code = EXIT_SETUP
+
+
+class ParameterError(SetupError, ValueError):
+    """A parameter value the engine cannot take (device, precision, scales, backend, ...); also a
+    ValueError, which is what Python callers catch for a bad argument."""
+
+
+class SCHPWarning(_AboutParameter, UserWarning):
+    """The engine's warnings (through `warnings.warn`); the commands show them as `warning: ...`."""
 
 
 def describe_exception(err: BaseException) -> str:

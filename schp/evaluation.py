@@ -12,7 +12,7 @@ truncated to k and the scored map lands half a pixel up/left (`legacy_int_center
 PNGs use the true (float) centre, as released. The confusion matrix is accumulated per image (the
 original kept every map in memory first; the sum is the same).
 """
-import sys
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +32,9 @@ from schp.utils.palette import get_palette
 from schp.utils.transforms import Size, get_affine_transform
 
 
-def _stderr(line: str) -> None:
-    tqdm.write(line, file=sys.stderr)
+def _log(line: str) -> None:
+    """Default `say`: the engine's log (a command shows it on stderr; see schp.commands.options)."""
+    logging.getLogger(__name__).error(line)
 
 
 @dataclass
@@ -197,7 +198,7 @@ def _check_files(samples: Sequence[Sample], say) -> Tuple[List[Tuple[Sample, Pat
 
 
 def evaluate(parser: HumanParser, data_dir, split: str = "val", *, legacy_int_centers: bool = True,
-             batch_size: int = 1, save_dir=None, quiet: bool = False, say: Callable[[str], None] = _stderr,
+             batch_size: int = 1, save_dir=None, quiet: bool = False, say: Callable[[str], None] = _log,
              label_dir: Optional[str] = None) -> EvalResult:
     """Score `parser` (with its own flip / multi-scale settings) on `<data_dir>/<split>_id.txt`.
 
@@ -219,8 +220,7 @@ def evaluate(parser: HumanParser, data_dir, split: str = "val", *, legacy_int_ce
     palette = get_palette(num_classes)
     confusion = np.zeros((num_classes, num_classes), dtype=np.float64)
     scored = 0
-    bar = tqdm(total=len(samples), initial=len(failed), unit="img", file=sys.stderr, disable=quiet,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(samples), initial=len(failed), unit="img", disable=quiet, dynamic_ncols=True)
 
     def run(batch: List[_Item]) -> None:
         nonlocal confusion, scored
@@ -260,7 +260,7 @@ def evaluate(parser: HumanParser, data_dir, split: str = "val", *, legacy_int_ce
 # ----------------------------------------------------------------------------- files mode
 def score_files(pred_dir, data_dir, split: str, num_classes: int, *, labels: Sequence[str] = (),
                 label_dir: Optional[str] = None, quiet: bool = False,
-                say: Callable[[str], None] = _stderr) -> EvalResult:
+                say: Callable[[str], None] = _log) -> EvalResult:
     """The same metrics from a folder of predicted label PNGs `<pred_dir>/<id>.png` (raw class indices,
     at the ground truth's size), without a network. Ground truth: `<data_dir>/<split>_segmentations`
     unless `label_dir` names another folder (relative to `data_dir`, or absolute)."""
@@ -270,7 +270,7 @@ def score_files(pred_dir, data_dir, split: str, num_classes: int, *, labels: Seq
     confusion = np.zeros((num_classes, num_classes), dtype=np.float64)
     failed: List[Tuple[str, str]] = []
     scored = 0
-    for name in tqdm(ids, unit="img", file=sys.stderr, disable=quiet, dynamic_ncols=True):
+    for name in tqdm(ids, unit="img", disable=quiet, dynamic_ncols=True):
         gt_path, pred_path = gt_dir / f"{name}.png", pred_dir / f"{name}.png"
         error = None
         try:

@@ -17,26 +17,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from schp.choices import DEFAULT_OPSET, FORMAT_PRECISIONS, FORMATS, OUTPUTS  # noqa: F401  (re-exported)
 from schp.data.catalog import DatasetSpec
+from schp.errors import SCHPError, SetupError
 from schp.networks import build_ce2p, fold_abn
 
-FORMATS = ("onnx", "torchscript", "exported-program")
-OUTPUTS = ("raw", "labels")
 INPUT_NAME = "input.1"  # what the re-hosting pipelines feed
 RAW_OUTPUT_NAMES = ("parsing", "fusion", "edge")
-DEFAULT_OPSET = 18  # the lowest opset torch's ONNX exporter writes natively
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Precisions each format can hold and its runtime can verify (ONNX Runtime has no bf16 convolution).
-FORMAT_PRECISIONS = {"onnx": ("fp32", "fp16"), "torchscript": ("fp32", "bf16", "fp16"),
-                     "exported-program": ("fp32", "bf16", "fp16")}
 # Verification against PyTorch fp32: (max relative error of the fusion logits, least argmax agreement).
 # Reduced precisions are approximate by nature (their maps differ from fp32 by more than 0.01% of the
 # pixels): only their logits error is bounded; the agreement is printed.
 TOLERANCES = {"fp32": (1e-4, 0.9999), "fp16": (5e-2, 0.0), "bf16": (5e-2, 0.0)}
 
 
-class ExportError(Exception):
+class ExportError(SCHPError):
     """An export that cannot be made or did not verify; the message is one sentence for the user."""
+
+
+class MissingPackageError(ExportError, SetupError):
+    """The package a format or its runtime needs is not installed: a set-up error, not a failed export."""
 
 
 class ExportGraph(nn.Module):
@@ -137,7 +137,7 @@ def _write(graph: ExportGraph, example: torch.Tensor, fmt: str, path: Path, opse
             try:
                 import onnxscript  # noqa: F401  torch's ONNX exporter is built on it
             except ImportError:
-                raise ExportError("--format onnx needs the package 'onnxscript' "
+                raise MissingPackageError("--format onnx needs the package 'onnxscript' "
                                   "(pip install -r requirements-runtimes.txt)") from None
             torch.onnx.export(graph, (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
                               output_names=names, opset_version=opset, dynamic_shapes=dynamic,
@@ -252,5 +252,5 @@ def require(package: str):
     try:
         return importlib.import_module(package)
     except ImportError:
-        raise ExportError(f"the package '{package}' is not installed "
+        raise MissingPackageError(f"the package '{package}' is not installed "
                           "(pip install -r requirements-runtimes.txt)") from None

@@ -6,35 +6,31 @@ space as the released evaluator does), upsampling, and the inverse warp with arg
 HumanParser.logits, so they all compute the same thing. Speed comes from folding InPlace-ABN into the
 convolutions, the channels-last layout and batching; results stay those of the released code in fp32.
 """
-import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from schp.choices import DEVICES, PRECISIONS, parse_scales  # noqa: F401  (parse_scales: re-exported)
 from schp.data.catalog import DatasetSpec
+from schp.errors import ParameterError, SCHPWarning
 from schp.networks import build_ce2p, fold_abn
 from schp.utils.transforms import MEAN_BGR, STD_BGR, output_to_input_map, row_bands, warp_argmax_torch, warp_channel_rows
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 BAND_BYTES = 32 << 20  # inverse warp in row bands of at most this many bytes of float logits
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr)
+def select_device(device: str, gpu: Optional[str] = None, cuda_count: Optional[int] = None) -> torch.device:
+    """`device` auto|cpu|cuda|cuda:N, with the original's `gpu` index kept (`gpu='None'` means CPU).
 
-
-def select_device(device: str, gpu: Optional[str] = None, cuda_count: Optional[int] = None,
-                  warn: Callable[[str], None] = _stderr) -> torch.device:
-    """`--device` auto|cpu|cuda|cuda:N, with the original `--gpu N` kept (`--gpu None` means CPU).
-
-    A device index the machine does not have is a ValueError (one sentence), never a CUDA error later.
-    `--gpu N` on a machine without CUDA runs on the CPU, as the original's users expect, but says so
-    through `warn`. `cuda_count` defaults to torch.cuda.device_count().
+    A device index the machine does not have is a ParameterError (a ValueError; one sentence naming
+    the parameter), never a CUDA error later. `gpu` N on a machine without CUDA runs on the CPU, as the
+    original's users expect, with an SCHPWarning. `cuda_count` defaults to torch.cuda.device_count().
     """
     count = torch.cuda.device_count() if cuda_count is None else cuda_count
     plural = "s" if count != 1 else ""
@@ -45,14 +41,15 @@ def select_device(device: str, gpu: Optional[str] = None, cuda_count: Optional[i
         try:
             index = int(text.split(",")[0])
         except ValueError:
-            raise ValueError(f"--gpu {gpu}: expected a CUDA device index such as 0, or None for the CPU") \
+            raise ParameterError("expected a CUDA device index such as 0, or None for the CPU", "gpu", gpu) \
                 from None
         if count == 0:
-            warn(f"warning: --gpu {gpu}: this machine has no CUDA device; running on the CPU")
+            warnings.warn(SCHPWarning("this machine has no CUDA device; running on the CPU", "gpu", gpu),
+                          stacklevel=2)
             return torch.device("cpu")
         if not 0 <= index < count:
-            raise ValueError(f"--gpu {gpu}: this machine has {count} CUDA device{plural} "
-                             f"(indices 0 to {count - 1})")
+            raise ParameterError(f"this machine has {count} CUDA device{plural} (indices 0 to {count - 1})",
+                                 "gpu", gpu)
         return torch.device(f"cuda:{index}")
     if device == "auto":
         return torch.device("cuda" if count else "cpu")
@@ -60,13 +57,13 @@ def select_device(device: str, gpu: Optional[str] = None, cuda_count: Optional[i
         return torch.device("cpu")
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         if count == 0:
-            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+            raise ParameterError("CUDA is not available on this machine", "device", device)
         chosen = torch.device(device)
         if chosen.index is not None and chosen.index >= count:
-            raise ValueError(f"--device {device}: this machine has {count} CUDA device{plural} "
-                             f"(cuda:0 to cuda:{count - 1})")
+            raise ParameterError(f"this machine has {count} CUDA device{plural} (cuda:0 to cuda:{count - 1})",
+                                 "device", device)
         return chosen
-    raise ValueError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    raise ParameterError(f"expected {DEVICES}", "device", device)
 
 
 # /proc/cpuinfo flags of CPUs whose bf16 arithmetic is native: AVX-512 BF16, AMX (x86); BF16 (Arm).
@@ -87,8 +84,8 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[frozenset]:
 
 
 def slow_bf16_warning(device: torch.device, precision: str,
-                      flags: Optional[frozenset] = None) -> Optional[str]:
-    """One warning line when bf16 is asked for on a CPU without bf16 units, where it is slower than fp32.
+                      flags: Optional[frozenset] = None) -> Optional[SCHPWarning]:
+    """The warning to give when bf16 is asked for on a CPU without bf16 units, where it is slower than fp32.
 
     Without native bf16 every bf16 convolution is emulated (converted to and from fp32), which measured
     five times slower than fp32 on an AVX2 CPU. `flags` defaults to those of this machine; unknown
@@ -99,8 +96,8 @@ def slow_bf16_warning(device: torch.device, precision: str,
     flags = cpu_flags() if flags is None else flags
     if flags is None or flags & BF16_CPU_FLAGS:
         return None
-    return ("warning: --precision bf16: this CPU has no bf16 units (no avx512_bf16 or amx_bf16 flag), "
-            "where bf16 is several times slower than fp32; --precision fp32 is faster here, and exact")
+    return SCHPWarning("this CPU has no bf16 units (no avx512_bf16 or amx_bf16 flag), where bf16 is several "
+                       "times slower than fp32; fp32 is faster here, and exact", "precision", precision)
 
 
 class HumanParser:
@@ -116,13 +113,13 @@ class HumanParser:
                  postprocess_on_device: Optional[bool] = None, flip: bool = False,
                  scales: Sequence[float] = (1.0,), backend: str = "torch"):
         if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}")
+            raise ParameterError(f"expected {', '.join(PRECISIONS)}", "precision", precision)
         scales = tuple(float(s) for s in scales)
         if not scales or any(not 0 < s <= 4 for s in scales):
-            raise ValueError(f"scales must be in (0, 4], got {scales}")
+            raise ParameterError("each scale must be in (0, 4]", "scales", scales)
         self.flip, self.scales = bool(flip), scales
         if precision == "fp16" and device.type != "cuda":
-            raise ValueError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
+            raise ParameterError("fp16 needs a CUDA device; use bf16 on the CPU", "precision", precision)
         self.spec, self.device, self.precision = spec, device, precision
         # On a GPU the inverse warp and argmax run there (only the uint8 map comes back); on the CPU
         # they run in cv2 in writer threads. Tests force the device path on the CPU to cover it.
@@ -226,17 +223,6 @@ class HumanParser:
         """height x width uint8 label map from one image's C x in_h x in_w logits, on the device."""
         out_to_in = output_to_input_map(center, scale, self.spec.input_size)
         return warp_argmax_torch(logits, out_to_in, width, height).cpu().numpy()
-
-
-def parse_scales(text: str) -> Tuple[float, ...]:
-    """`--multi-scales 0.75,1.0,1.25` -> (0.75, 1.0, 1.25); ValueError naming the option otherwise."""
-    try:
-        scales = tuple(float(v) for v in str(text).split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--multi-scales {text}: expected numbers separated by commas, e.g. 0.75,1.0,1.25") from None
-    if not scales or any(not 0 < s <= 4 for s in scales):
-        raise ValueError(f"--multi-scales {text}: each scale must be in (0, 4]")
-    return scales
 
 
 def load_human_parser(spec: DatasetSpec, checkpoint: Optional[Path], device: torch.device, precision: str = "fp32",

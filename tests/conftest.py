@@ -66,3 +66,57 @@ def run_cli(capsys):
         return code, out, err
 
     return run
+
+
+# Runs a command's main() in a fresh interpreter; its exit code and whether torch got imported on the
+# way go to the file named first (stdout and stderr stay the command's own).
+COMMAND_DRIVER = """
+import json, sys
+sys.path.insert(0, {root!r})
+report, name, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+code = None
+try:
+    import importlib
+    code = importlib.import_module("schp.commands." + name).main(argv)
+except SystemExit as stop:
+    code = stop.code
+finally:
+    with open(report, "w") as f:
+        json.dump({{"code": code, "torch": "torch" in sys.modules}}, f)
+"""
+
+
+class CommandResult:
+    """What run_command saw: exit code, stdout, stderr, and whether torch was imported."""
+
+    def __init__(self, code, out, err, torch_imported):
+        self.code, self.out, self.err, self.torch_imported = code, out, err, torch_imported
+
+
+def run_command(name: str, *args, timeout: float = 300, env=None) -> CommandResult:
+    """Run command `name` (extract, evaluate, train, export, multi_person) with `args` in a subprocess."""
+    import json
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="schp-run-") as folder:
+        report = Path(folder) / "report.json"
+        done = subprocess.run([sys.executable, "-c", COMMAND_DRIVER.format(root=str(ROOT)), str(report), name]
+                              + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                              env=env)
+        seen = json.loads(report.read_text()) if report.is_file() else {"code": done.returncode, "torch": None}
+    return CommandResult(seen["code"], done.stdout, done.stderr, seen["torch"])
+
+
+# The extractor's command line as a subprocess (tests of signals, disks and set-up run it for real).
+EXTRACTOR = [sys.executable, str(ROOT / "simple_extractor.py")]
+
+
+def wait_until(predicate, timeout: float = 120.0, step: float = 0.01) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout` seconds pass (False): the one bounded wait."""
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False

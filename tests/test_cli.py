@@ -148,12 +148,14 @@ def test_quiet_hides_the_progress_bar_but_not_errors(checkpoints, tmp_path):
 def test_device_choice_follows_the_original_gpu_option():
     import torch
 
+    from schp.errors import SCHPWarning
     from schp.inference import select_device
 
     assert select_device("auto", "None") == torch.device("cpu")
     assert select_device("cpu", "0") == torch.device("cpu")
     if not torch.cuda.is_available():
-        assert select_device("auto", "0") == torch.device("cpu")  # no CUDA: the CPU, not a crash
+        with pytest.warns(SCHPWarning, match="no CUDA device"):
+            assert select_device("auto", "0") == torch.device("cpu")  # no CUDA: the CPU, not a crash
         assert select_device("auto", None) == torch.device("cpu")
         with pytest.raises(ValueError, match="CUDA is not available"):
             select_device("cuda", None)

@@ -550,3 +550,22 @@ def test_extractor_flip_and_scales_equal_the_released_tta_then_inverse_warp(chec
     assert np.mean(released(False) == expected) < 0.99  # the flip average is not the plain map
     assert run_cli("--dataset", "pascal", "--model-restore", checkpoints("pascal"), "--input-dir",
                    tmp_path / "in", "--output-dir", tmp_path / "x", "--multi-scales", "0")[0] == 2
+
+
+def test_gpu_warning_only_when_the_user_gave_gpu(checkpoints, tmp_path, capsys):
+    """The original's --gpu default ('0') is no reason to warn on a CPU run; a given --gpu 0 without
+    CUDA is, once, as one line naming the flag."""
+    import torch
+    from schp.commands import evaluate as cli
+
+    w, h = (40, 30)
+    root = write_split(tmp_path / "data", [photo(1, w, h)], [np.zeros((h, w), np.uint8)])
+    argv = ["--dataset", "pascal", "--data-dir", str(root), "--model-restore", str(checkpoints("pascal")),
+            "--input-size", "64,64", "--quiet"]
+    assert cli.main(argv) == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")] == []
+    assert cli.main(argv + ["--gpu", "0"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    expected = [] if torch.cuda.is_available() else [
+        "warning: --gpu 0: this machine has no CUDA device; running on the CPU"]
+    assert warned == expected

@@ -229,7 +229,7 @@ def test_a_missing_runtime_is_a_one_line_setup_error(checkpoints, run_cli, tmp_p
                            "--input-dir", tmp_path / "in", "--output-dir", tmp_path / "out", "--backend", "openvino")
     assert code == 2
     assert err.strip().splitlines() == [
-        "error: --backend openvino needs the package 'openvino', which is not installed "
+        "error: --backend openvino: needs the package 'openvino', which is not installed "
         "(pip install -r requirements-runtimes.txt)"]
     assert not (tmp_path / "out" / "a.png").exists()
 

@@ -22,18 +22,14 @@ DOCS = ROOT / "docs"
 README = (ROOT / "README.md").read_text()
 PAGES = [ROOT / "README.md"] + sorted(DOCS.glob("*.md"))
 
-# Options the pages document ahead of their code, which lands from parallel branches of issue 19:
-# --version (the shared option declarations) in every command. It counts as the command's options until the parser has them; delete
-# this once both have landed, and the comparison below is exact again.
-AHEAD = {"--version"}
 
 # (command module, its reference page, options documented ahead, options whose default is the machine's)
 COMMANDS = [
-    ("extract", "extract.md", AHEAD, set()),
-    ("multi_person", "multi-person.md", AHEAD, set()),
-    ("train", "train.md", AHEAD, {"--num-workers"}),  # min(4, cores): the table says so in words
-    ("evaluate", "evaluate.md", AHEAD, set()),
-    ("export", "export.md", AHEAD, set()),
+    ("extract", "extract.md", set(), set()),
+    ("multi_person", "multi-person.md", set(), set()),
+    ("train", "train.md", set(), {"--num-workers"}),  # min(4, cores): the table says so in words
+    ("evaluate", "evaluate.md", set(), set()),
+    ("export", "export.md", set(), set()),
 ]
 
 

@@ -7,10 +7,10 @@ import cv2
 import pytest
 
 import corpus
-from conftest import ROOT
+from conftest import ROOT, EXTRACTOR
 from schp.utils.outputs import TEMP_MARK, remove_stale_temporaries, temp_path
 
-CLI = [sys.executable, str(ROOT / "simple_extractor.py")]
+CLI = EXTRACTOR
 
 
 def dead_pid() -> int:

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,9 +17,9 @@ import cv2
 import pytest
 
 import corpus
-from conftest import ROOT
+from conftest import EXTRACTOR, wait_until
 
-CLI = [sys.executable, str(ROOT / "simple_extractor.py")]
+CLI = EXTRACTOR
 PASCAL_RELEASED = "exp-schp-201908270938-pascal-person-part.pth"
 
 
@@ -42,15 +41,6 @@ class Stderr:
     @property
     def text(self):
         return "\n".join(self.lines)
-
-
-def wait_until(predicate, timeout=120.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def start(args, **kwargs):

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 import corpus
-from conftest import ROOT
+from conftest import EXTRACTOR, wait_until
 
-CLI = [sys.executable, str(ROOT / "simple_extractor.py")]
+CLI = EXTRACTOR
 
 
 def expected_collisions(names):
@@ -128,15 +128,6 @@ def make_photos(folder: Path, count: int, size=(160, 120)):
         cv2.imwrite(str(folder / f"img{i:02d}.png"), np.roll(base, 7 * i, axis=1))
 
 
-def wait_for(predicate, timeout=120.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def final_pngs(folder):
     """PNGs under their final names (pathlib's glob also matches the hidden temporaries)."""
     return sorted(p for p in Path(folder).glob("*.png") if not p.name.startswith("."))
@@ -157,7 +148,7 @@ def feed_if_read(fifo: Path, data: bytes, proc) -> None:
         except OSError:
             return proc.poll() is not None
 
-    wait_for(reader_waiting, 120)
+    wait_until(reader_waiting, 120)
     if not fds:
         return
     os.set_blocking(fds[0], True)
@@ -184,7 +175,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes_to_the_same_result(c
     summary = tmp_path / "run.json"
     proc = subprocess.Popen(base + ["--output-dir", str(out), "--summary", str(summary)], stderr=subprocess.PIPE,
                             text=True, env=env)
-    assert wait_for(lambda: len(final_pngs(out)) >= 1)
+    assert wait_until(lambda: len(final_pngs(out)) >= 1)
     proc.send_signal(how)
     start = time.monotonic()
     feeder = threading.Thread(target=feed_if_read, args=(held, cv2.imencode(".png", held_image)[1].tobytes(), proc))

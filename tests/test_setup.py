@@ -5,20 +5,21 @@ Everything here happens before the first input is read: arguments, folders, devi
 import os
 import shutil
 import subprocess
-import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import run_command, EXTRACTOR
 from schp.data.catalog import DATASETS
 from schp import inference
+from schp.errors import SCHPWarning
 from schp.inference import cpu_flags, select_device, slow_bf16_warning
 
-CLI = [sys.executable, str(ROOT / "simple_extractor.py")]
+CLI = EXTRACTOR
 PASCAL = DATASETS["pascal"]
 
 
@@ -36,19 +37,6 @@ def assert_one_line_error(code, err, *parts):
         assert part in lines[0], (part, lines[0])
 
 
-# Runs main() in a fresh interpreter and reports whether torch got imported on the way.
-DRIVER = """
-import sys
-sys.path.insert(0, {root!r})
-from schp.commands import extract as simple_extractor
-try:
-    code = simple_extractor.main(sys.argv[1:])
-except SystemExit as stop:
-    code = stop.code
-print(code, "torch" in sys.modules)
-"""
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
     (["--gpu", "abc"], "--gpu abc: expected a CUDA device index"),
@@ -57,33 +45,32 @@ print(code, "torch" in sys.modules)
 ])
 def test_usage_errors_answer_in_one_line_before_torch_is_imported(argv, message, tmp_path):
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", DRIVER.format(root=str(ROOT))] + argv + ["--output-dir",
-                            str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    result = run_command("extract", *argv, "--output-dir", tmp_path / "out", timeout=120)
     seconds = time.monotonic() - start
-    code, torch_imported = result.stdout.split()
-    assert_one_line_error(int(code), result.stderr, message)
-    assert torch_imported == "False"
+    assert_one_line_error(result.code, result.err, message)
+    assert result.torch_imported is False
     assert not (tmp_path / "out").exists()
     print(f"{argv}: answered in {seconds:.2f} s")
 
 
 def test_device_index_the_machine_lacks_is_a_setup_error_with_the_count():
-    warnings = []
-    with pytest.raises(ValueError, match=r"--device cuda:7: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)"):
+    with pytest.raises(ValueError, match=r"^device='cuda:7': this machine has 2 CUDA devices \(cuda:0 to cuda:1\)"):
         select_device("cuda:7", None, cuda_count=2)
-    with pytest.raises(ValueError, match=r"--gpu 5: this machine has 1 CUDA device \(indices 0 to 0\)"):
+    with pytest.raises(ValueError, match=r"^gpu='5': this machine has 1 CUDA device \(indices 0 to 0\)"):
         select_device("auto", "5", cuda_count=1)
     with pytest.raises(ValueError, match="CUDA is not available"):
         select_device("cuda:0", None, cuda_count=0)
-    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+    with pytest.raises(ValueError, match="^device='tpu': expected auto, cpu, cuda or cuda:N"):
         select_device("tpu", None, cuda_count=0)
     assert select_device("cuda:1", None, cuda_count=2) == torch.device("cuda:1")
     assert select_device("auto", "1,0", cuda_count=2) == torch.device("cuda:1")
-    assert select_device("auto", "0", cuda_count=0, warn=warnings.append) == torch.device("cpu")
-    assert warnings == ["warning: --gpu 0: this machine has no CUDA device; running on the CPU"]
-    assert select_device("auto", "None", cuda_count=2, warn=warnings.append) == torch.device("cpu")
-    assert select_device("auto", None, cuda_count=0) == torch.device("cpu")
-    assert len(warnings) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert select_device("auto", "0", cuda_count=0) == torch.device("cpu")
+        assert select_device("auto", "None", cuda_count=2) == torch.device("cpu")
+        assert select_device("auto", None, cuda_count=0) == torch.device("cpu")
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (SCHPWarning, "gpu='0': this machine has no CUDA device; running on the CPU")]
 
 
 def test_cuda_device_beyond_this_machine_is_one_line_exit_2(checkpoints, run_cli, tmp_path):
@@ -217,7 +204,8 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
 def test_bf16_on_a_cpu_without_bf16_units_names_the_faster_choice(checkpoints, run_cli, tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     warning = slow_bf16_warning(cpu, "bf16", frozenset({"avx2", "fma"}))
-    assert warning.startswith("warning: --precision bf16") and "--precision fp32 is faster" in warning
+    assert isinstance(warning, SCHPWarning)
+    assert str(warning).startswith("precision='bf16': this CPU has no bf16 units") and "fp32 is faster" in str(warning)
     for flags in ({"avx512_bf16"}, {"amx_bf16", "amx_tile"}, {"bf16"}):
         assert slow_bf16_warning(cpu, "bf16", frozenset(flags)) is None
     assert slow_bf16_warning(cpu, "fp32", frozenset({"avx2"})) is None
@@ -229,4 +217,5 @@ def test_bf16_on_a_cpu_without_bf16_units_names_the_faster_choice(checkpoints, r
     code, _, err = run_cli("--model-restore", checkpoints("pascal"), "--input-dir", one_image(tmp_path / "in"),
                            "--output-dir", tmp_path / "out", "--precision", "bf16", "--device", "cpu")
     assert code == 0, err
-    assert [line for line in err.splitlines() if line.startswith("warning:")] == [warning]
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [
+        "warning: --precision bf16: " + warning.reason]

@@ -6,7 +6,6 @@ import os
 import sys
 from typing import Iterable, Optional
 
-from schp.errors import SCHPError
 
 
 class ConsoleReporter:
@@ -26,13 +25,6 @@ class ConsoleReporter:
                     dynamic_ncols=True, leave=leave)
 
 
-def error_line(err: SCHPError, flags: Optional[dict] = None) -> str:
-    """`error: ...` for an engine error, its parameters named by this command's flags."""
-    def flag(name: str) -> str:
-        return (flags or {}).get(name, "--" + name.replace("_", "-"))
-    return f"error: {err.describe(flags=flag)}"
-
-
 def emit(lines: Iterable[str]) -> None:
     """Print listing lines to stdout; a reader that stops early (`| head`) ends the listing quietly."""
     try:
@@ -44,3 +36,19 @@ def emit(lines: Iterable[str]) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+
+
+def interruptible(body, argv) -> int:
+    """Run a command's body with SIGTERM and SIGHUP acting as Ctrl-C from the first second on; a stop
+    before any input (download, model build) is one line and exit 130."""
+    from schp.errors import EXIT_INTERRUPTED
+    from schp.runs.loop import stop_signals_as_interrupt
+
+    with stop_signals_as_interrupt():
+        try:
+            return body(argv)
+        except SystemExit as stop:  # --help, --version, a usage error: its exit code, for callers of main()
+            return stop.code
+        except KeyboardInterrupt:
+            print("interrupted before any input was processed", file=sys.stderr)
+            return EXIT_INTERRUPTED

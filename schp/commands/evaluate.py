@@ -14,43 +14,39 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError, parse_input_size
+from schp.commands import options
+from schp.commands.options import parse_input_size
+from schp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Self-Correction Human Parsing evaluation: the released mIoU protocol.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default=None, choices=["lip", "atr", "pascal"],
-                   help="sets input size, classes, label names and flip pairs; default: the one with "
-                        "--num-classes classes, else lip (the original's defaults)")
+def build_parser() -> argparse.ArgumentParser:
+    p = options.CommandParser(description="Self-Correction Human Parsing evaluation: the released mIoU protocol.")
+    options.add_dataset(p, None, help="sets input size, classes, label names and flip pairs; default: the one "
+                                      "with --num-classes classes, else lip (the original's defaults)")
     p.add_argument("--data-dir", default="./data/LIP",
                    help="dataset root with <split>_id.txt, <split>_images/, <split>_segmentations/")
     p.add_argument("--split", default="val", help="which split: ids from <split>_id.txt")
-    p.add_argument("--model-restore", default="./log/checkpoint.pth.tar", help="checkpoint file")
-    p.add_argument("--gpu", default="0", help="CUDA device index as in the original; 'None' means CPU (--device wins)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    options.add_model_restore(p, "./log/checkpoint.pth.tar", help="checkpoint file")
+    options.add_device(p, gpu_help="CUDA device index as in the original; 'None' means CPU (--device wins); "
+                                   "default: 0 where CUDA is available, as the original's")
     p.add_argument("--input-size", default=None, metavar="H,W", help="network input size; default the dataset's")
     p.add_argument("--num-classes", type=int, default=None, help="number of classes; default the dataset's")
-    p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
-    p.add_argument("--multi-scales", default="1", metavar="S1,S2,...",
-                   help="test-time augmentation: average over these input scales, e.g. 0.75,1.0,1.25")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="fp32 reproduces the original; fp16 is CUDA only")
-    from schp.backends import add_backend_argument
-    add_backend_argument(p)
+    options.add_tta(p)
+    options.add_batch_size(p)
+    options.add_precision(p)
+    options.add_backend(p)
+    options.add_allow_tf32(p)
     p.add_argument("--float-centers", action="store_true",
                    help="warp the scored maps back with the true crop centres; by default the released "
                         "int32-truncated centres are used so published numbers reproduce")
     p.add_argument("--save-results", action="store_true", help="write palette PNGs to <log-dir>/sp_results/")
     p.add_argument("--log-dir", default="./log", help="where sp_results/ goes")
-    p.add_argument("--summary", default=None, metavar="PATH", help="write the metrics and settings as JSON")
+    options.add_summary(p, help="write the metrics and settings as JSON")
     p.add_argument("--pred-dir", default=None, metavar="DIR",
                    help="files mode: score the label PNGs <DIR>/<id>.png (at ground-truth size); no network")
     p.add_argument("--label-dir", default=None, metavar="NAME",
                    help="ground-truth folder under --data-dir (or absolute); default <split>_segmentations")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    options.add_quiet(p, help="no progress bar")
     p.add_argument("--multi-person", action="store_true", help="score multi_person.py outputs on the CIHP/VIP "
                    "layout (options: evaluate.py --multi-person --help)")
     # parsed and unused by the original too
@@ -58,7 +54,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--ignore-label", type=int, default=255, help=argparse.SUPPRESS)
     p.add_argument("--random-mirror", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--random-scale", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The options, checked (choices, device, the folders) before torch is imported."""
+    from schp.data.labelled import id_file  # no torch in it
+
+    p = build_parser()
+    args = options.parse(p, argv)
+    ids = id_file(Path(args.data_dir), args.split)
+    if not ids.is_file():
+        p.fail(f"{ids}: no such id file (expected one id per line)")
+    options.require_folders(p, args, "pred_dir")
+    return args
 
 
 def choose_spec(args):
@@ -93,14 +102,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "--multi-person" in (sys.argv[1:] if argv is None else argv):  # a mode with options of its own
         from schp.commands.evaluate_multi_person import main as multi_person_main
         return multi_person_main(argv)
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # --help, --version, a usage error: its exit code, for callers of main()
+        return stop.code
     from schp.data.labelled import LabelledDataError, id_file
     from schp.checkpoint import CheckpointError
     from schp.evaluation import evaluate, score_files
     from schp.api import load_parser
-    from schp.inference import parse_scales
+    from schp.choices import parse_scales
+    from tqdm import tqdm
 
     data_dir = Path(args.data_dir)
+
+    def say(line: str) -> None:  # a left-out image, printed above the progress bar
+        tqdm.write(line, file=sys.stderr)
+
     try:
         spec = choose_spec(args)
         if args.batch_size < 1:
@@ -115,12 +132,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             settings.update(mode="files", pred_dir=str(args.pred_dir))
         else:
             try:
+                import torch
                 scales = parse_scales(args.multi_scales)
+                # the original's default --gpu 0: CUDA device 0 where there is one, else (silently) the CPU
+                gpu = args.gpu if args.gpu is not None else ("0" if torch.cuda.is_available() else None)
                 parser, checkpoint = load_parser(  # the extractor's path: device, bf16 warning, TF32
-                    spec, args.model_restore, args.device, args.gpu, args.precision,
-                    getattr(args, "allow_tf32", False), flip=args.flip, scales=scales, backend=args.backend)
+                    spec, args.model_restore, args.device, gpu, args.precision, args.allow_tf32, flip=args.flip,
+                    scales=scales, backend=args.backend)
             except (CheckpointError, ValueError, RuntimeError) as err:
-                raise SetupError(str(err)) from None
+                raise SetupError(options.flag_message(err)) from None
             settings.update(mode="model", checkpoint=str(checkpoint), input_size=list(spec.input_size),
                             device=str(parser.device), precision=args.precision, backend=parser.backend,
                             tta={"flip": args.flip, "scales": list(scales)},
@@ -132,14 +152,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if parser is None:
             result = score_files(args.pred_dir, data_dir, args.split, spec.num_classes, labels=spec.labels,
-                                 label_dir=args.label_dir, quiet=args.quiet)
+                                 label_dir=args.label_dir, quiet=args.quiet, say=say)
         else:
             import cv2
             cv2.setNumThreads(1)  # torch owns the cores
             save_dir = Path(args.log_dir) / "sp_results" if args.save_results else None
             result = evaluate(parser, data_dir, args.split, legacy_int_centers=not args.float_centers,
                               batch_size=args.batch_size, save_dir=save_dir, quiet=args.quiet,
-                              label_dir=args.label_dir)
+                              label_dir=args.label_dir, say=say)
     except LabelledDataError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_SETUP

@@ -12,17 +12,17 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP
+from schp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP
 
 MULTI_PERSON = ["-m", "schp.commands.multi_person"]  # the command, installed or in a checkout
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    from schp.commands.options import CommandParser
+    p = CommandParser(
         prog="evaluate.py --multi-person",
         description="Multi-person evaluation: mIoU of the global parsing, AP^r of the part instances "
-                    "(CIHP's protocol), AP^h of the persons, identity switches in videos.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                    "(CIHP's protocol), AP^h of the persons, identity switches in videos.", allow_abbrev=False)
     p.add_argument("--multi-person", action="store_true", required=True, help="this mode")
     p.add_argument("--data-dir", required=True,
                    help="ground truth in the CIHP layout: Category_ids/, Human_ids/, Instance_ids/ (VIP: one "

@@ -13,21 +13,17 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from schp.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP
+from schp.choices import DEFAULT_OPSET, FORMATS, OUTPUTS
+from schp.commands import options
+from schp.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SCHPError
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    from schp.export import DEFAULT_OPSET, FORMATS, OUTPUTS
-
-    p = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    p = options.CommandParser(
         description="Export the SCHP network of a checkpoint to ONNX, TorchScript or a torch.export "
-                    "program, verified against PyTorch after writing.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="pascal", choices=["lip", "atr", "pascal"],
-                   help="which released model: its labels and input size")
-    p.add_argument("--model-restore", default=None,
-                   help="checkpoint file; default checkpoints/<released file of --dataset>, downloaded there "
-                        "when missing")
+                    "program, verified against PyTorch after writing.")
+    options.add_dataset(p, "pascal")
+    options.add_model_restore(p)
     p.add_argument("--output", required=True, help="file to write (e.g. parsing_atr.onnx)")
     p.add_argument("--format", default="onnx", choices=FORMATS,
                    help="onnx (ONNX Runtime, OpenVINO, ...), torchscript (torch.jit.load), "
@@ -36,15 +32,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size N (default: N = 1)")
     p.add_argument("--dynamic-size", action="store_true",
                    help="any input H x W >= 32 (default: the dataset's input size only)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="weights and arithmetic inside the file (the input and outputs stay float32); "
-                        "onnx: fp32, fp16; torchscript and exported-program: all three")
+    options.add_precision(p, help="weights and arithmetic inside the file (the input and outputs stay float32); "
+                                  "onnx: fp32, fp16; torchscript and exported-program: all three")
     p.add_argument("--outputs", default="raw", choices=OUTPUTS,
                    help="raw: outputs parsing, fusion, edge logits at 1/4 resolution (the released order); "
                         "labels: N x H x W int64 crop-space labels (upsampling and argmax in the graph)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip running the written file (not recommended)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return options.parse(build_parser(), argv)
 
 
 def load_state(args, spec):
@@ -54,7 +53,10 @@ def load_state(args, spec):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # --help, --version, a usage error: its exit code, for callers of main()
+        return stop.code
     from schp.data.catalog import DATASETS
     from schp.checkpoint import CheckpointError
     from schp.export import ExportError, check_options, export
@@ -67,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ExportError(f"--output {output} is a folder; give a file name")
         state, checkpoint = load_state(args, spec)
     except (CheckpointError, ExportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {options.flag_message(err)}", file=sys.stderr)
         return EXIT_SETUP
     n = "N" if args.dynamic_batch else "1"
     h, w = ("H", "W") if args.dynamic_size else spec.input_size
@@ -78,10 +80,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         result = export(spec, state, output, args.format, args.opset, args.dynamic_batch, args.dynamic_size,
                         args.precision, args.outputs, verify_file=args.verify)
-    except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        # a missing runtime package is a set-up problem; a file that does not verify is a failure
-        return EXIT_SETUP if "is not installed" in str(err) or "needs the package" in str(err) else EXIT_FAILED
+    except SCHPError as err:  # a missing runtime package is a set-up error (2); a file that does not verify, 1
+        print(f"error: {options.flag_message(err)}", file=sys.stderr)
+        return err.exit_code
     except OSError as err:  # unwritable folder, disk full: the temporary is already removed
         print(f"error: cannot write {output}: {err.strerror or err}", file=sys.stderr)
         return EXIT_SETUP

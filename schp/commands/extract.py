@@ -6,41 +6,22 @@ Exit codes: 0 all good, 1 some input failed (or the run was stopped), 2 usage or
 130 interrupted.
 """
 import argparse
-import re
 import sys
 from typing import Optional, Sequence
 
-from schp.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError
+from schp.commands import options
+from schp.errors import EXIT_OK, SetupError
 
 DEFAULT_MAX_PIXELS = 200_000_000  # = schp.data.decode.DEFAULT_MAX_PIXELS (not imported: heavy)
 
 
-DEVICES = "auto, cpu, cuda or cuda:N"
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-GPU_PATTERN = re.compile(r"\d+(,\d+)*")  # the original's --gpu: a comma list of CUDA indices
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line `error: ...` and exit 2, like every other set-up error."""
-
-    def error(self, message: str):
-        self.exit(EXIT_SETUP, f"error: {message} (--help lists the options)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line's options (the README's options table lists exactly these)."""
-    p = OneLineParser(
-        description="Self-Correction Human Parsing extractor: a palette PNG label map per image.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="pascal", choices=["lip", "atr", "pascal", "custom"],
-                   help="which released model: its labels and input size; custom: those stored in "
-                        "--model-restore by train.py")
-    p.add_argument("--model-restore", default=None,
-                   help="checkpoint file; default checkpoints/<released file of --dataset>, "
-                        "downloaded there when missing")
-    p.add_argument("--gpu", default=None,
-                   help="CUDA device index as in the original; 'None' means CPU (--device wins)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    p = options.CommandParser(
+        description="Self-Correction Human Parsing extractor: a palette PNG label map per image.")
+    options.add_dataset(p, "pascal", custom=True)
+    options.add_model_restore(p)
+    options.add_device(p)
     p.add_argument("--input-dir", default="", help="folder of images (folder mode)")
     p.add_argument("--output-dir", default="",
                    help="folder for the outputs; in IntegratedPIFu mode, where the .npy tree goes")
@@ -48,29 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--integratedpifu-dir", default=None, help="root of an IntegratedPIFu data tree")
     p.add_argument("--subjects", default="all", choices=["all", "train", "test"],
                    help="IntegratedPIFu subjects to parse, from train_set_list.txt / test_set_list.txt")
-    p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
+    options.add_overwrite(p)
     p.add_argument("--recursive", action="store_true", help="folder mode: walk subfolders, mirror them")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg, map over image")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    p.add_argument("--num-workers", type=int, default=1, help="processes decoding and cropping inputs")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="fp32 reproduces the original; bf16 is faster on CPUs with bf16 units; fp16 CUDA only")
-    from schp.backends import add_backend_argument
-    add_backend_argument(p)
-    p.add_argument("--allow-tf32", action="store_true", help="let CUDA use TF32 (faster, changes maps)")
-    p.add_argument("--flip", action="store_true",
-                   help="test-time augmentation: average with the mirrored image's logits (left/right swapped)")
-    p.add_argument("--multi-scales", default="1", metavar="S1,S2,...",
-                   help="test-time augmentation: average the logits over these input scales, e.g. 0.75,1.0,1.25")
+    options.add_batch_size(p)
+    options.add_num_workers(p)
+    options.add_precision(p)
+    options.add_backend(p)
+    options.add_allow_tf32(p)
+    options.add_tta(p)
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="process only shard I of N (1 <= I <= N) of the sorted inputs")
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be processed or skipped and where outputs go; no model")
-    p.add_argument("--summary", default=None, metavar="PATH", help="write a JSON manifest of the run")
+    options.add_summary(p)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="refuse (fail) inputs whose header declares more than N pixels, before decoding "
                         "them: a decoded image takes 3 bytes a pixel; 0 = no limit")
-    p.add_argument("--quiet", action="store_true", help="no progress bar; errors and the summary still print")
+    options.add_quiet(p)
     p.add_argument("--every", type=int, default=1, metavar="N",
                    help="video inputs (.mp4 .avi .mov .mkv .webm): parse every Nth frame")
     p.add_argument("--label-map", default=None, metavar="FILE",
@@ -84,19 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The options, checked for consistency here, before anything heavy (torch) is imported."""
     p = build_parser()
-    args = p.parse_args(argv)
-    if not DEVICE_PATTERN.fullmatch(args.device):
-        p.error(f"--device {args.device}: expected {DEVICES}")
-    if args.gpu is not None and not (is_cpu_gpu_value(args.gpu) or GPU_PATTERN.fullmatch(args.gpu.strip())):
-        p.error(f"--gpu {args.gpu}: expected a CUDA device index such as 0 (or 0,1), or None for the CPU")
+    args = options.parse(p, argv)
     if args.integratedpifu_dir is not None and args.input_dir:
         p.error("--input-dir and --integratedpifu-dir are two different modes; give one of them")
+    options.require_folders(p, args, "input_dir", "integratedpifu_dir")
     return args
-
-
-def is_cpu_gpu_value(gpu: str) -> bool:
-    """The --gpu values that mean the CPU: None (the original's way), cpu, -1, empty."""
-    return gpu.strip().lower() in ("none", "cpu", "-1", "")
 
 
 # the engine's parameter -> this command's flag, where they differ
@@ -125,7 +93,7 @@ def print_legend(spec) -> None:
 
 def run_options(args) -> dict:
     """The engine's options (schp.runs.extract.ExtractOptions) from the command line's."""
-    from schp.inference import parse_scales
+    from schp.choices import parse_scales
     try:
         scales = parse_scales(args.multi_scales)
     except ValueError as err:
@@ -139,18 +107,13 @@ def run_options(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from schp.runs.loop import stop_signals_as_interrupt
-    with stop_signals_as_interrupt():  # SIGTERM and SIGHUP act as Ctrl-C from the first second on
-        try:
-            return _main(argv)
-        except KeyboardInterrupt:  # during start-up: download, conversion, model build
-            print("interrupted before any input was processed", file=sys.stderr)
-            return EXIT_INTERRUPTED
+    from schp.commands.console import interruptible
+    return interruptible(_main, argv)
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse_args(argv)
-    from schp.commands.console import ConsoleReporter, emit, error_line
+    from schp.commands.console import ConsoleReporter, emit
     from schp.errors import SCHPError
     try:
         if args.legend:
@@ -175,7 +138,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         extraction.plan.notes = []
         report = extraction.execute(reporter)
     except SCHPError as err:
-        print(error_line(err, FLAGS), file=sys.stderr)
+        print(f"error: {options.flag_message(err, FLAGS)}", file=sys.stderr)
         return err.exit_code
     return report.exit_code()
 

@@ -9,13 +9,19 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from schp.cli import EXIT_INTERRUPTED, SetupError, parse_input_size
+from schp.commands import options
+from schp.commands.options import parse_input_size
+from schp.errors import SetupError
+
+# the engine's parameter -> this command's flag, where they differ
+FLAGS = {"checkpoint": "--global-restore / --local-restore", "global_checkpoint": "--global-restore",
+         "local_checkpoint": "--local-restore", "scales": "--multi-scales", "score_threshold": "--conf-thres",
+         "expand": "--exp-ratio"}
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Multi-person human parsing: class, person and part maps per image (CIHP models).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = options.CommandParser(
+        description="Multi-person human parsing: class, person and part maps per image (CIHP models).")
     p.add_argument("--input-dir", required=True, help="folder of images")
     p.add_argument("--output-dir", required=True,
                    help="where global_parsing/, instance_parsing/, global_tag/, overlay/, instances/ go")
@@ -37,8 +43,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--local-restore", default=None,
                    help="local parser checkpoint; default checkpoints/exp_schp_multi_cihp_local.pth, "
                         "downloaded when missing")
-    p.add_argument("--flip", action="store_true", help="average with the mirrored image (as the evaluator)")
-    p.add_argument("--multi-scales", default="1", help="comma-separated scales averaged, e.g. 0.75,1,1.25")
+    options.add_tta(p)
     p.add_argument("--input-size", default="473,473", help="network input H,W (the released models: 473,473)")
     p.add_argument("--conf-thres", type=float, default=0.5, help="instances scored lower are not persons")
     p.add_argument("--overlap-threshold", type=float, default=0.5,
@@ -50,31 +55,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--legacy-person-count", action="store_true",
                    help="count persons as the original (ids past the number of persons get no parts)")
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay/<stem>.jpg")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--gpu", default=None, help="CUDA device index as in the original; 'None' means CPU")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="fp32 reproduces the original")
-    from schp.backends import add_backend_argument
-    add_backend_argument(p)
-    p.add_argument("--batch-size", type=int, default=1, help="person crops per forward pass")
-    p.add_argument("--num-workers", type=int, default=1, help="threads decoding images and reading instances")
-    p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
-    p.add_argument("--summary", default=None, metavar="PATH", help="write a JSON manifest of the run")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    options.add_device(p)
+    options.add_precision(p)
+    options.add_backend(p)
+    options.add_batch_size(p, help="person crops per forward pass")
+    options.add_num_workers(p, help="threads decoding images and reading instances")
+    options.add_overwrite(p, help="redo images whose outputs already exist")
+    options.add_summary(p)
+    options.add_quiet(p, help="no progress bar")
     p.add_argument("--label-map", default=None, metavar="FILE",
                    help="write the class maps (global_parsing) in another label scheme: a JSON file with the "
                         "target class names, the CIHP-to-target class mapping and an optional palette")
-    return p.parse_args(argv)
+    return p
 
 
-# the engine's parameter -> this command's flag, where they differ
-FLAGS = {"global_checkpoint": "--global-restore", "local_checkpoint": "--local-restore", "scales": "--multi-scales",
-         "score_threshold": "--conf-thres", "expand": "--exp-ratio"}
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The options, checked (choices, device, the input folder) before torch is imported."""
+    p = build_parser()
+    args = options.parse(p, argv, FLAGS)
+    options.require_folders(p, args, "input_dir")
+    return args
 
 
 def run_options(args) -> dict:
     """The engine's options (schp.multi_person.run.MultiPersonOptions) from the command line's."""
-    from schp.inference import parse_scales
+    from schp.choices import parse_scales
 
     size = parse_input_size(args.input_size, 32)
     try:
@@ -93,25 +98,20 @@ def run_options(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from schp.runs.loop import stop_signals_as_interrupt
-    with stop_signals_as_interrupt():
-        try:
-            return _main(argv)
-        except KeyboardInterrupt:
-            print("interrupted before any input was processed", file=sys.stderr)
-            return EXIT_INTERRUPTED
+    from schp.commands.console import interruptible
+    return interruptible(_main, argv)
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse_args(argv)
-    from schp.commands.console import ConsoleReporter, error_line
+    from schp.commands.console import ConsoleReporter
     from schp.errors import SCHPError
     try:
         from schp.multi_person.run import prepare_multi_person
         report = prepare_multi_person(args.input_dir, args.output_dir, **run_options(args)).execute(
             ConsoleReporter(args.quiet))
     except SCHPError as err:
-        print(error_line(err, FLAGS), file=sys.stderr)
+        print(f"error: {options.flag_message(err, FLAGS)}", file=sys.stderr)
         return err.exit_code
     return report.exit_code()
 

@@ -15,18 +15,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
-from schp.cli import EXIT_INTERRUPTED, EXIT_SETUP, SetupError, parse_input_size
+from schp.commands import options
+from schp.commands.options import parse_input_size
+from schp.errors import EXIT_INTERRUPTED, EXIT_SETUP, SetupError
 
 
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Self-Correction for Human Parsing: training",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = options.CommandParser(description="Self-Correction for Human Parsing: training")
     # the released options, as written
     p.add_argument("--arch", default="resnet101", choices=["resnet101"], help="backbone (only ResNet-101)")
     p.add_argument("--data-dir", default="./data/LIP", help="root of <split>_id.txt, <split>_images/, "
                    "<split>_segmentations/")
-    p.add_argument("--batch-size", type=int, default=16, help="images per process (per GPU)")
+    options.add_batch_size(p, 16, help="images per process (per GPU)")
     p.add_argument("--input-size", default=None, help="H,W of the crops; default the dataset's")
     p.add_argument("--num-classes", type=int, default=None, help="classes; required with --dataset custom")
     p.add_argument("--ignore-label", type=int, default=255, help="fixed at 255 (as released)")
@@ -36,8 +36,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=7e-3, help="base learning rate")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--gpu", default=None, help="CUDA device of a single process (the first of a list; "
-                   "several GPUs: launch with torchrun); 'None' = CPU")
     p.add_argument("--start-epoch", type=int, default=0, help="accepted, ignored (as released); "
                    "use --resume")
     p.add_argument("--epochs", type=int, default=150)
@@ -46,8 +44,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--imagenet-pretrain", default="./pretrain_model/resnet101-imagenet.pth",
                    help="deep-stem ResNet-101 ImageNet weights, or 'none' to train from scratch")
     p.add_argument("--log-dir", default="./log", help="where checkpoints, metrics.jsonl and curves.png go")
-    p.add_argument("--model-restore", default="./log/checkpoint.pth.tar",
-                   help="released-style resume: model weights and epoch, used if the file exists")
+    options.add_model_restore(p, "./log/checkpoint.pth.tar",
+                              help="released-style resume: model weights and epoch, used if the file exists")
     p.add_argument("--schp-start", type=int, default=100, help="epoch where self-correction cycles begin")
     p.add_argument("--cycle-epochs", type=int, default=10, help="epochs per self-correction cycle")
     p.add_argument("--schp-restore", default="./log/schp_checkpoint.pth.tar",
@@ -56,9 +54,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lambda-e", type=float, default=1.0, help="weight of the edge term")
     p.add_argument("--lambda-c", type=float, default=0.1, help="weight of the consistency term")
     # added
-    p.add_argument("--dataset", default=None, choices=["lip", "atr", "pascal", "custom"],
-                   help="input size, classes and left/right pairs of the catalog; custom: --num-classes. "
-                        "Default: the catalog dataset with --num-classes classes (lip for 20), else custom")
+    options.add_dataset(p, None, custom=True,
+                        help="input size, classes and left/right pairs of the catalog; custom: --num-classes. "
+                             "Default: the catalog dataset with --num-classes classes (lip for 20), else custom")
     p.add_argument("--flip-pairs", default=None, metavar="L:R,...",
                    help="left:right class pairs swapped when mirroring (custom; default the dataset's)")
     p.add_argument("--labels", default=None, metavar="NAME,...", help="class names of a custom label set")
@@ -72,12 +70,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="under torchrun, batch statistics over all processes (released: per GPU)")
     p.add_argument("--warmup-epochs", type=int, default=10)
     p.add_argument("--split", default="train", help="split to train on (augmented if train/trainval)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: each "
-                   "process takes cuda:LOCAL_RANK)")
-    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="data loading processes per training process (4, or fewer on a machine with fewer cores)")
+    options.add_device(p, device_help=" (under torchrun: each process takes cuda:LOCAL_RANK)",
+                       gpu_help="CUDA device of a single process (the first of a list; several GPUs: launch "
+                                "with torchrun); 'None' = CPU")
+    options.add_num_workers(p, min(4, os.cpu_count() or 1),
+                            help="data loading processes per training process (4, or fewer on a machine with "
+                                 "fewer cores)")
     p.add_argument("--seed", type=int, default=None, help="fixed seed (default: a random one, recorded)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
+    options.add_precision(p, ("fp32", "bf16"), help="bf16 = autocast (fp16 is not offered for training)")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from a released or own checkpoint (fine-tuning); heads of another "
                         "class count are re-initialised")
@@ -86,8 +86,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs of this run (time-boxed jobs); continue with --resume")
     p.add_argument("--check-data", action="store_true", help="only check the training split, then exit")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    options.add_quiet(p, help="no progress bar")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return options.parse(build_parser(), argv)
 
 
 def build_config(args):
@@ -148,7 +152,10 @@ def build_config(args):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # --help, --version, a usage error: its exit code, for callers of main()
+        return stop.code
     try:
         config = build_config(args)
     except SetupError as err:

@@ -14,10 +14,12 @@ from typing import List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from schp.errors import SetupError
+
 IGNORE_LABEL = 255
 
 
-class LabelledDataError(Exception):
+class LabelledDataError(SetupError):
     """A labelled set that cannot be used at all (e.g. its id file is missing); the message names the file."""
 
 

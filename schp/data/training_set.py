@@ -17,12 +17,13 @@ from torch.utils.data import Dataset
 from schp.data.augment import augment, whole_image_crop
 from schp.data.labelled import LabelledDataError, Sample, label_problem, list_samples, read_label
 from schp.data.decode import ImageError, read_image
+from schp.errors import SCHPError
 from schp.utils.transforms import MEAN_BGR, STD_BGR
 
 AUGMENTED_SPLITS = ("train", "trainval")
 
 
-class DataError(Exception):
+class DataError(SCHPError):
     """Training data that cannot be used; the message names the file."""
 
 

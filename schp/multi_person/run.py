@@ -16,13 +16,13 @@ from schp.data.decode import ImageError, read_image
 from schp.errors import SCHPError, SetupError
 from schp.multi_person.instances import InstanceError
 from schp.multi_person.nms import EXPAND_RATIO, MAX_PERSONS, OVERLAP_THRESHOLD, SCORE_THRESHOLD, select_people
-from schp.runs.loop import Job, Reporter, RunReport, Unit, stop_signals_held
+from schp.runs.loop import Job, Reporter, RunReport, Task, Unit, stop_signals_held
 
 PathLike = Union[str, os.PathLike]
 
 
 @dataclass
-class ImageTask:
+class ImageTask(Task):
     source: Path
     name: str
     paths: Dict[str, Path]  # kind of output -> file (schp.multi_person.outputs.output_paths)
@@ -31,14 +31,6 @@ class ImageTask:
     @property
     def outputs(self) -> List[Path]:
         return list(self.paths.values())
-
-    def is_done(self) -> bool:
-        return all(p.exists() for p in self.paths.values())
-
-    def plan(self, overwrite: bool) -> str:
-        if self.refusal:
-            return "fail"
-        return "skip" if not overwrite and self.is_done() else "process"
 
 
 @dataclass
@@ -237,7 +229,7 @@ def load_parsers(options: MultiPersonOptions, device):
             parser, path = load_parser(spec, given or None, allow_download=None, device=device,
                                        precision=options.precision, flip=options.flip, scales=options.scales,
                                        backend=options.backend)
-        except (CheckpointError, ValueError) as err:
+        except CheckpointError as err:
             raise SetupError(str(err), f"{role}_checkpoint") from None
         parsers.append(parser)
         paths.append(path)
@@ -256,7 +248,7 @@ def manifest_record(options: MultiPersonOptions, source, checkpoints, device, re
         if checkpoints else None,
         "device": str(device) if device is not None else None,
         "precision": options.precision, "backend": options.backend, "flip": options.flip,
-        "multi_scales": ",".join(str(s) for s in options.scales),
+        "multi_scales": ",".join(f"{s:g}" for s in options.scales),
         "input_size": ",".join(str(v) for v in options.input_size), "jpeg_roundtrip": options.jpeg_roundtrip,
         "legacy_person_count": options.legacy_person_count,
         "versions": versions(),
@@ -290,10 +282,7 @@ class MultiPersonRun:
         o = self.options
         for note in self.notes:
             reporter.line(note)
-        try:
-            device = select_device(o.device, o.gpu)
-        except (ValueError, RuntimeError) as err:
-            raise SetupError(str(err)) from None
+        device = select_device(o.device, o.gpu)
         made = [q for q in (self.output_dir, *self.output_dir.parents) if not q.exists()]
         try:
             check_writable(self.output_dir)

@@ -121,7 +121,7 @@ def check_output_dir(output_dir: Optional[PathLike]) -> None:
 
 def plan_folder(input_dir: PathLike, output_dir: PathLike, options: ExtractOptions) -> Plan:
     from schp.data.listing import list_images
-    from schp.runs.parsing import ImageTask, is_video_name, video_task
+    from schp.runs.tasks import ImageTask, is_video_name, video_task
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
@@ -152,7 +152,7 @@ def plan_folder(input_dir: PathLike, output_dir: PathLike, options: ExtractOptio
 
 def plan_integratedpifu(root: PathLike, output_dir: Optional[PathLike], options: ExtractOptions, spec) -> Plan:
     from schp.data import integratedpifu as ipifu
-    from schp.runs.parsing import ImageTask
+    from schp.runs.tasks import ImageTask
 
     if spec.name != "pascal":
         raise SetupError(f"needs {{dataset}}: IntegratedPIFu's codes are defined for the 7 "
@@ -373,12 +373,14 @@ def setup_message(err: BaseException) -> str:
 def load_model(options: ExtractOptions, spec):
     """(HumanParser, checkpoint path) through the one loading path of every front door."""
     from schp.api import load_parser
-    from schp.checkpoint import CheckpointError
+    from schp.errors import SCHPError
 
     try:
         return load_parser(spec, options.checkpoint, options.device, options.gpu, options.precision,
                            options.allow_tf32, flip=options.flip, scales=options.scales, backend=options.backend)
-    except (CheckpointError, ValueError) as err:  # a device, precision or backend this machine lacks
+    except SCHPError:  # the checkpoint, or a device, precision or backend this machine lacks
+        raise
+    except ValueError as err:
         raise SetupError(str(err)) from None
 
 

@@ -94,6 +94,25 @@ class Reporter:
         return Bar()
 
 
+class Task:
+    """What a job's tasks share: `refusal` (known before the run not to be doable), `outputs` (the
+    files it writes) and `is_done` (they exist), from which the run plans it."""
+    refusal: Optional[str] = None
+
+    @property
+    def outputs(self) -> List[Path]:
+        raise NotImplementedError
+
+    def is_done(self) -> bool:
+        return all(p.exists() for p in self.outputs)
+
+    def plan(self, overwrite: bool) -> str:
+        """What a run does with this task: "fail" (refused), "skip" (outputs exist) or "process"."""
+        if self.refusal:
+            return "fail"
+        return "skip" if not overwrite and self.is_done() else "process"
+
+
 @dataclass
 class Outcome:
     task: Any
