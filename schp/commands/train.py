@@ -184,18 +184,21 @@ class _Lines(logging.Formatter):
 
 @contextmanager
 def show_training_log():
-    """The `schp.training` logger on stderr, one line per message, while the job runs."""
+    """The `schp.training` logger on stderr, one line per message, while the job runs (through this
+    handler only: not also as the plain engine log that options.parse shows)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Lines())
     logger = logging.getLogger("schp.training")
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 if __name__ == "__main__":
