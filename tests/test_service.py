@@ -3,7 +3,6 @@ an HTTP client (httpx, and raw sockets for the hostile bodies), and the command 
 the same files as the reference (simple_extractor.py run as a user runs it)."""
 import base64
 import io
-import json
 import re
 import socket
 import struct

@@ -98,7 +98,7 @@ class Service:
     """The parser, its batcher and the settings: the state the routes share."""
 
     def __init__(self, parser, settings: Settings):
-        from utils.palette import class_colors, get_palette
+        from schp.utils.palette import class_colors, get_palette
 
         self.parser, self.settings, self.spec = parser, settings, parser.spec
         self.palette = get_palette(self.spec.num_classes)
