@@ -7,6 +7,7 @@ the input size with align_corners=True, argmax) and returns N x H x W int64 crop
 Every file is written to a temporary name, run with its own runtime on a drawn figure's crop, compared
 with PyTorch, and only then renamed into place.
 """
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,13 +144,23 @@ def _write(graph: ExportGraph, example: torch.Tensor, fmt: str, path: Path, opse
                               output_names=names, opset_version=opset, dynamic_shapes=dynamic,
                               external_data=False, verbose=False, report=False)
         elif fmt == "torchscript":
-            with torch.no_grad():
+            with torch.no_grad(), torchscript_asked_for():
                 traced = torch.jit.trace(graph, (example,), check_trace=False)
-            traced.save(str(path))
+                traced.save(str(path))
         else:
             with torch.no_grad():
                 program = torch.export.export(graph, (example,), dynamic_shapes=dynamic)
             torch.export.save(program, str(path))
+
+
+@contextlib.contextmanager
+def torchscript_asked_for():
+    """torch 2.9+ says on every TorchScript save and load that the format is deprecated; a user who asked
+    for --format torchscript chose it (docs/export.md says torch.export is the newer one)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
 
 
 def run_file(path: Path, fmt: str, x: torch.Tensor, threads: Optional[int] = None):
@@ -162,7 +173,8 @@ def run_file(path: Path, fmt: str, x: torch.Tensor, threads: Optional[int] = Non
         return tuple(torch.from_numpy(o) for o in session.run(None, {INPUT_NAME: x.numpy()}))
     with torch.inference_mode():
         if fmt == "torchscript":
-            out = torch.jit.load(str(path), map_location="cpu")(x)
+            with torchscript_asked_for():
+                out = torch.jit.load(str(path), map_location="cpu")(x)
         else:
             out = torch.export.load(str(path)).module()(x)
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
