@@ -9,7 +9,7 @@ convolutions, the channels-last layout and batching; results stay those of the r
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -199,24 +199,39 @@ class HumanParser:
         items = [prepare_image(i, image, self.spec.input_size) for i, image in enumerate(images)]
         if not items:
             return []
-        logits = self.logits(torch.from_numpy(np.stack([item.image for item in items])))
         results = []
+        for item, work in zip(items, self.crop_results(items, [with_logits] * len(items))):
+            if with_logits:
+                full = np.empty((item.height, item.width, work["logits"].shape[2]), dtype=np.float32)
+                results.append((self.image_labels(item, work, full), full))
+            else:
+                results.append(self.image_labels(item, work))
+        return results
+
+    def crop_results(self, items: Sequence, host_logits: Sequence[bool]) -> List[Dict[str, object]]:
+        """The network on a batch of prepared crops (schp.data.crop.Prepared); per crop either its label
+        map warped on the device (`labels`) or its in_h x in_w x C logits on the host (`logits`: for the
+        CPU warp, or where `host_logits` asks for them to be written). The post-processing of every front
+        door: HumanParser.parse here, the run loop's write stage with image_labels."""
+        logits = self.logits(torch.from_numpy(np.stack([item.image for item in items])))
         host = None
-        for k, item in enumerate(items):
-            if self.postprocess_on_device and not with_logits:
-                results.append(self.labels(logits[k], item.center, item.scale, item.width, item.height))
+        out: List[Dict[str, object]] = []
+        for k, (item, want) in enumerate(zip(items, host_logits)):
+            if self.postprocess_on_device and not want:
+                out.append({"labels": self.labels(logits[k], item.center, item.scale, item.width, item.height)})
                 continue
             if host is None:
-                host = logits.permute(0, 2, 3, 1).cpu().numpy()
-            if with_logits:
-                full = np.empty((item.height, item.width, host.shape[3]), dtype=np.float32)
-                labels = labels_from_logits(host[k], item.center, item.scale, item.width, item.height,
-                                            self.spec.input_size, full)
-                results.append((labels, full))
-            else:
-                results.append(labels_from_logits(host[k], item.center, item.scale, item.width, item.height,
-                                                  self.spec.input_size))
-        return results
+                host = logits.permute(0, 2, 3, 1).cpu().numpy()  # N x in_h x in_w x C
+            out.append({"logits": host[k]})
+        return out
+
+    def image_labels(self, item, result: Dict[str, object], logits_out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The image's label map from its crop result: as warped on the device, or the CPU inverse warp
+        and argmax of its host logits (filling `logits_out`, H x W x C, when given)."""
+        if result.get("labels") is not None:
+            return result["labels"]
+        return labels_from_logits(result["logits"], item.center, item.scale, item.width, item.height,
+                                  self.spec.input_size, logits_out)
 
     def labels(self, logits: torch.Tensor, center: np.ndarray, scale: np.ndarray, width: int,
                height: int) -> np.ndarray:

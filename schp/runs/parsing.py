@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from schp.data.crop import Prepared, SimpleFolderDataset, collate_prepared, prepare_image
 from schp.data.decode import DEFAULT_MAX_PIXELS, read_image
 from schp.data.label_map import LabelMap
 from schp.errors import SCHPError
-from schp.inference import HumanParser, labels_from_logits
+from schp.inference import HumanParser
 from schp.runs.loop import Job, Unit
 from schp.runs.tasks import ImageTask, VideoTask
 from schp.runs.workers import start_workers, stop_workers, worker_init
@@ -199,18 +198,7 @@ class ParseJob(Job):
     # -- forward: the network on a batch of crops, in the calling thread
     def forward(self, units: List[Unit]) -> List[Dict[str, Any]]:
         items = [u.payload.item if isinstance(u.payload, Frame) else u.payload for u in units]
-        logits = self.parser.logits(torch.from_numpy(np.stack([item.image for item in items])))
-        host = None
-        works = []
-        for k, (unit, item) in enumerate(zip(units, items)):
-            if self.parser.postprocess_on_device and not self._wants_logits(unit):
-                works.append(dict(labels=self.parser.labels(logits[k], item.center, item.scale, item.width,
-                                                            item.height)))
-            else:
-                if host is None:
-                    host = logits.permute(0, 2, 3, 1).cpu().numpy()  # N x in_h x in_w x C
-                works.append(dict(logits=host[k]))
-        return works
+        return self.parser.crop_results(items, [self._wants_logits(u) for u in units])
 
     def _wants_logits(self, unit: Unit) -> bool:
         return bool(self._tasks[unit.index].logits)
@@ -219,7 +207,7 @@ class ParseJob(Job):
     def write(self, task, unit: Unit, work):
         if isinstance(task, VideoTask):
             return self._write_frame(task, unit, work)
-        write_image(task, unit.payload, self.parser.spec.input_size, self.palette, self.label_map, **work)
+        write_image(task, unit.payload, self.parser, work, self.palette, self.label_map)
         return None
 
     def _write_frame(self, task: VideoTask, unit: Unit, work) -> Optional[np.ndarray]:
@@ -229,13 +217,10 @@ class ParseJob(Job):
         png, npy = task.frame_paths(frame.index)
         if work is None:  # parsed by an earlier run
             return _read_map(png)
-        item = frame.item
-        size = self.parser.spec.input_size
-        labels, full = work.get("labels"), None
-        if labels is None:
-            if npy is not None:
-                full = np.empty((item.height, item.width, work["logits"].shape[2]), dtype=np.float32)
-            labels = labels_from_logits(work["logits"], item.center, item.scale, item.width, item.height, size, full)
+        item, full = frame.item, None
+        if npy is not None:
+            full = np.empty((item.height, item.width, work["logits"].shape[2]), dtype=np.float32)
+        labels = self.parser.image_labels(item, work, full)
         if npy is not None:
             save_npy(full, npy)
         labels = self.label_map.apply(labels) if self.label_map is not None else labels
@@ -263,20 +248,17 @@ class ParseJob(Job):
             video.stack.__exit__(VideoError, failure, None)
 
 
-def write_image(task: ImageTask, item: Prepared, input_size: Tuple[int, int], palette: Sequence[int],
-                label_map: Optional[LabelMap] = None, logits: Optional[np.ndarray] = None,
-                labels: Optional[np.ndarray] = None) -> None:
-    """Write every asked output of one image, from its label map or, on the CPU path, from its
-    in_h x in_w x C logits (inverse warp + argmax here, in a writer thread)."""
+def write_image(task: ImageTask, item: Prepared, parser: HumanParser, work: Dict[str, Any],
+                palette: Sequence[int], label_map: Optional[LabelMap] = None) -> None:
+    """Write every asked output of one image from its crop result (HumanParser.crop_results): the CPU
+    inverse warp and argmax run here, in a writer thread, the logits going straight to their .npy."""
     for path in task.outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
-    if labels is None:
-        if task.logits is not None:
-            with npy_memmap(task.logits, (item.height, item.width, logits.shape[2])) as full:
-                labels = labels_from_logits(logits, item.center, item.scale, item.width, item.height, input_size,
-                                            full)
-        else:
-            labels = labels_from_logits(logits, item.center, item.scale, item.width, item.height, input_size)
+    if task.logits is not None:
+        with npy_memmap(task.logits, (item.height, item.width, work["logits"].shape[2])) as full:
+            labels = parser.image_labels(item, work, full)
+    else:
+        labels = parser.image_labels(item, work)
     if task.codes is not None:
         save_npy(integratedpifu_codes(labels), task.codes)
     shown = label_map.apply(labels) if label_map is not None else labels
