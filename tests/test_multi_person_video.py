@@ -188,7 +188,7 @@ def test_identities_persist_through_crossing_and_absence(vip, parsed):
     assert result.id_switches == 0
     # the same frames with the source's own ids (the photos' outputs): the evaluator sees the switches
     shuffled = evaluate_multi_person(vip, still)
-    assert shuffled.person_matches == result.person_matches and shuffled.id_switches >= 10
+    assert shuffled.person_matches == result.person_matches and shuffled.id_switches >= 5  # 10 measured
     record = json.loads((out / "walk" / "identities.json").read_text())
     assert record["frames"] == FRAMES and sorted(record["identities"]) == ["1", "2", "3"]
     assert record["identities"]["3"]["frames"] == FRAMES - len(GONE)
@@ -259,10 +259,13 @@ def test_truncated_video_keeps_its_frames_and_a_rerun_resumes(cihp, tmp_path, ca
     (inputs / "clip.avi").write_bytes(full[:len(full) // 2])
     for frame in range(10):
         write_source_masks(masks / "clip", f"frame_{frame:06d}", frame // 2, seed=frame)
+    cv2.imwrite(str(inputs / "photo.png"), frame_pixels(0))  # a photo beside the video, as before
+    write_source_masks(masks, "photo", 0)
     args = common(cihp, masks) + ["--input-dir", inputs, "--output-dir", out, "--every", "2"]
     code, err = run(capsys, *args)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1, err
+    assert (out / "global_tag" / "photo.png").is_file() and (out / "overlay" / "photo.jpg").is_file()
     assert errors[0].startswith(f"error: {inputs / 'clip.avi'}: decoding stopped at frame ")
     done = sorted(p.stem for p in (out / "clip" / "instance_segmentation").glob("*.png"))
     assert done and done == [f"frame_{i:06d}" for i in range(0, 2 * len(done), 2)] and len(done) < 5
@@ -280,4 +283,32 @@ def test_truncated_video_keeps_its_frames_and_a_rerun_resumes(cihp, tmp_path, ca
     ids = [read(out / "clip" / "instance_segmentation" / f"frame_{i:06d}.png") for i in range(0, 10, 2)]
     assert max(int(m.max()) for m in ids) == 3  # three persons, three ids, across the resume
     code, err = run(capsys, *args)
-    assert code == 0 and "0 processed, 1 skipped" in err
+    assert code == 0 and "0 processed, 2 skipped" in err
+
+
+def test_video_options_and_sources(tmp_path, capsys):
+    from schp.multi_person.instances import Detectron2FileSource, FrameSource, InstanceError, MaskFolderSource
+    from pycocotools import mask as mask_util
+
+    (tmp_path / "in").mkdir()
+    code, err = run(capsys, "--input-dir", tmp_path / "in", "--output-dir", tmp_path / "out", "--every", "0")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --every") and "--every" in err
+    # masks: DIR/<video>/<frame>.png; a video without its folder is one line naming it
+    write_source_masks(tmp_path / "masks" / "walk", "000003", 3)
+    image = frame_pixels(3)
+    found = FrameSource(MaskFolderSource(tmp_path / "masks"), "walk").instances(image, Path("000003.png"))
+    assert sorted(int(i.mask.sum()) for i in found) == sorted(int((true_ids(3) == k).sum()) for k in (1, 2))
+    with pytest.raises(InstanceError, match="no mask folder .*run for video run"):
+        FrameSource(MaskFolderSource(tmp_path / "masks"), "run").instances(image, Path("000003.png"))
+    # detectron2: the image list names the frames <video>/<frame file>
+    mask = np.asfortranarray((true_ids(3) == 1).astype(np.uint8))
+    rle = mask_util.encode(mask)
+    rle["counts"] = rle["counts"].decode("ascii")
+    torch.save([{"image_id": 7, "instances": [{"bbox": [0, 0, 1, 1], "score": 0.9, "segmentation": rle}]}],
+               tmp_path / "pred.pth")
+    (tmp_path / "list.json").write_text(json.dumps({"images": [{"file_name": "walk/000003.png", "id": 7}]}))
+    source = Detectron2FileSource(tmp_path / "pred.pth", tmp_path / "list.json")
+    found, = FrameSource(source, "walk").instances(image, Path("000003.png"))
+    np.testing.assert_array_equal(found.mask, true_ids(3) == 1)
+    with pytest.raises(InstanceError, match="not in --image-list"):
+        FrameSource(source, "other").instances(image, Path("000004.png"))
