@@ -63,6 +63,7 @@ def test_tracker_keeps_ids_within_the_window_and_never_reuses_one():
     assert t.assign(9, [box_mask(0, 14, 4, 20)]) == [4]  # no overlap with anyone: new person
     t.observe(10, np.where(b, 7, 0))  # a resumed run: ids read from a written map
     assert t.next_id == 8 and t.assign(11, [b]) == [7]
+    assert t.assign(12, [np.ones((5, 5), dtype=bool)]) == [8]  # a frame of another size: nobody to match
     capped = IdentityTracker(max_id=1)
     assert capped.assign(0, [a, b]) == [1, 0] and capped.unassigned == 1
 
@@ -191,7 +192,7 @@ def test_identities_persist_through_crossing_and_absence(vip, parsed):
     assert shuffled.person_matches == result.person_matches and shuffled.id_switches >= 5  # 10 measured
     record = json.loads((out / "walk" / "identities.json").read_text())
     assert record["frames"] == FRAMES and sorted(record["identities"]) == ["1", "2", "3"]
-    assert record["identities"]["3"]["frames"] == FRAMES - len(GONE)
+    assert sorted(i["frames"] for i in record["identities"].values()) == [FRAMES - len(GONE), FRAMES, FRAMES]
 
 
 def test_frame_maps_equal_the_still_image_maps(parsed):
@@ -280,6 +281,9 @@ def test_truncated_video_keeps_its_frames_and_a_rerun_resumes(cihp, tmp_path, ca
     assert names == [f"frame_{i:06d}" for i in range(0, 10, 2)]
     assert {p: p.stat().st_mtime_ns for p in first} == first  # the frames done were not parsed again
     assert json.loads((out / "clip" / "identities.json").read_text())["frames"] == 5
+    capture = cv2.VideoCapture(str(out / "clip" / "overlay.mp4"))  # frames done before are in it too
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
+    capture.release()
     ids = [read(out / "clip" / "instance_segmentation" / f"frame_{i:06d}.png") for i in range(0, 10, 2)]
     assert max(int(m.max()) for m in ids) == 3  # three persons, three ids, across the resume
     code, err = run(capsys, *args)

@@ -103,7 +103,9 @@ class IdentityTracker:
 
     def assign(self, frame: int, masks: Sequence[np.ndarray]) -> List[int]:
         """The id of each mask of frame `frame` (0: none left), in the order given."""
-        live = [k for k, ident in sorted(self.identities.items()) if frame - ident.last <= self.window]
+        shape = np.shape(masks[0]) if len(masks) else None
+        live = [k for k, ident in sorted(self.identities.items())
+                if frame - ident.last <= self.window and ident.mask.shape == shape]  # frames may differ in size
         ious = mask_ious(masks, [self.identities[k].mask for k in live])
         ids = [0] * len(masks)
         for r, c in linear_assignment(-ious):
