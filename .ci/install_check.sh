@@ -10,7 +10,7 @@ trap 'rm -rf "$work"' EXIT
 python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
 "$py" -m pip install --quiet torch==2.14.1   # the release this machine has on disk, as in .ci/run
-commands="schp-extract schp-train schp-evaluate schp-export schp-multi-person"
+commands="schp-extract schp-train schp-evaluate schp-export schp-multi-person schp-serve"
 check() {  # $1: where schp must be imported from
     cd "$work"   # not the checkout: only the installed package can be found
     "$py" -c "import schp; assert schp.__file__.startswith('$1'), schp.__file__; print('import schp:', schp.__version__)"
@@ -35,6 +35,7 @@ for top in $(cat "$site"/schp-*.dist-info/top_level.txt 2>/dev/null || echo schp
     [ "$top" = schp ] || { echo "install check: top-level package $top installed"; exit 1; }
 done
 check "$site/schp/"
+[ -f "$site/schp/service/static/index.html" ] || { echo "install check: the service page is not installed"; exit 1; }
 "$py" -m pip uninstall --quiet --yes schp
 "$py" -m pip install --quiet -e "$repo"
 check "$repo/schp/"

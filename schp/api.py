@@ -31,7 +31,6 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
     with one sentence naming the parameter; warns (SCHPWarning) where a setting is slow on this machine.
     """
     import torch
-    from schp.checkpoint import default_checkpoint_dir
     from schp.inference import load_human_parser, select_device, slow_bf16_warning
 
     try:
@@ -41,10 +40,7 @@ def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None
     warning = slow_bf16_warning(device, precision)
     if warning:
         warnings.warn(warning, stacklevel=2)
-    given = checkpoint is not None
-    path = Path(checkpoint) if given else default_checkpoint_dir() / spec.checkpoint
-    return load_human_parser(spec, path, device, precision, allow_tf32=allow_tf32,
-                             allow_download=not given or path.name == spec.checkpoint, **options)
+    return load_human_parser(spec, checkpoint, device, precision, allow_tf32=allow_tf32, **options)
 
 
 def _check_color(color: Optional[str], what: str) -> str:

@@ -1,8 +1,11 @@
-"""Reading SCHP checkpoints safely, checking them against the network, and fetching the released ones.
+"""Getting a model's weights, the one way: where they are, downloading, reading safely, checking, label facts.
 
-Three separate steps: `read_state_dict` (never runs code from the file: weights_only=True, no
-fallback), `check_state_dict` (one readable error for any key or shape mismatch), `download_checkpoint`
-(gdown to a temporary name, verified, then renamed).
+`load_checkpoint` is what every front door and the trainer call: the default location
+(default_checkpoint_dir), the download rule (only the dataset's released file name is fetched),
+the safe read (`read_checkpoint_file`: never runs code from the file, weights_only=True, no fallback)
+through the converted-zip cache, and one readable error for any key or shape mismatch with the
+network. The trainer's files are written here too (`write_checkpoint`, with the label facts that
+`spec_from_checkpoint` reads back), so what is written and what is read stay one format.
 """
 import hashlib
 import os
@@ -10,15 +13,17 @@ import pickle
 import stat
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from schp.data.catalog import DatasetSpec, dataset_for_num_classes
 from schp.errors import SetupError
+from schp.networks import build_ce2p
 
 PREFIX = "module."  # the released files were saved from nn.DataParallel
 CLASSIFIER_KEY = "fushion.3.weight"
+CLASSIFIER_HEADS = ("decoder.conv4.", "fushion.3.")  # the layers whose size is the class count
 
 
 class CheckpointError(SetupError):
@@ -74,45 +79,65 @@ def is_zip_checkpoint(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
-def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, with any `module.` prefix stripped.
-
-    Accepts the released container `{'state_dict': {...}, 'cycle_n': n}` or a bare state dict. Loads
-    with weights_only=True (a pickle that would run code is refused, never retried unrestricted) and
-    map_location='cpu' (the released storages are tagged cuda:0). Zip files are memory-mapped.
-    """
+def read_checkpoint_file(path: Path):
+    """What a checkpoint file holds, read safely: weights_only=True (a pickle that would run code is
+    refused, never retried unrestricted), map_location='cpu' (the released storages are tagged cuda:0),
+    zip files memory-mapped. Raises CheckpointError with one sentence."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path}: the file is empty (0 bytes)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip_checkpoint(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip_checkpoint(path))
     except Exception as err:  # torch raises many types; every one means "unusable", said once
         raise CheckpointError(f"checkpoint {path}: {_load_error_reason(err, path)}") from None
+
+
+def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, with any `module.` prefix stripped.
+
+    Accepts the released container `{'state_dict': {...}, 'cycle_n': n}` or a bare state dict, read
+    by read_checkpoint_file.
+    """
+    obj = read_checkpoint_file(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or \
             not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(f"checkpoint {path}: holds no state dict of tensors "
                               "(expected {'state_dict': {name: tensor}} or {name: tensor})")
-    if all(k.startswith(PREFIX) for k in obj):
-        obj = {k[len(PREFIX):]: v for k, v in obj.items()}
-    return dict(obj)
+    return strip_prefix(obj) if all(k.startswith(PREFIX) for k in obj) else dict(obj)
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The state dict without nn.DataParallel's `module.` in front of its keys."""
+    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state.items()}
+
+
+def expected_state(spec: DatasetSpec) -> Dict[str, torch.Tensor]:
+    """The network's keys and shapes for `spec` (meta tensors: no memory, no initialisation)."""
+    with torch.device("meta"):
+        return build_ce2p(spec.num_classes).state_dict()
 
 
 def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
-                     spec: DatasetSpec, path: Path) -> None:
-    """Raise one CheckpointError naming missing, unexpected and mis-shaped keys (first few of each)."""
+                     spec: DatasetSpec, path: Path, classes_may_differ: bool = False) -> None:
+    """Raise one CheckpointError naming missing, unexpected and mis-shaped keys (first few of each).
+
+    `classes_may_differ` (fine-tuning to another label set): the classifier heads may have another
+    class count.
+    """
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape
+                 and not (classes_may_differ and k.startswith(CLASSIFIER_HEADS))]
     if not (missing or unexpected or misshaped):
         return
     classifier = state.get(CLASSIFIER_KEY)
     if classifier is not None and classifier.dim() == 4 and classifier.shape[0] != spec.num_classes \
-            and not missing and not unexpected:
+            and not missing and not unexpected and not classes_may_differ:
         n = classifier.shape[0]
         raise CheckpointError(
             f"checkpoint {path} has {n} classes, which looks like a {dataset_for_num_classes(n)} "
@@ -287,15 +312,83 @@ def resolve_checkpoint(path: Path, spec: DatasetSpec, allow_download: bool) -> P
                           f"{spec.checkpoint}, at {spec.url})")
 
 
+_DEFAULT = object()
+
+
+def load_checkpoint(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None, *,
+                    allow_download: Optional[bool] = None, cache_dir=_DEFAULT,
+                    classes_may_differ: bool = False) -> Tuple[Dict[str, torch.Tensor], Path]:
+    """(state dict without `module.`, the path it was read from): the one way to get a model's weights.
+
+    `checkpoint` None means the released file of `spec` in default_checkpoint_dir(). The download
+    rule: a missing file is fetched only when it has the released file name (`allow_download` None;
+    False never downloads). The file is read safely, checked against the network of `spec` (every key
+    and shape; `classes_may_differ` lets the classifier heads have another class count) before
+    anything is converted, then read through its converted zip copy in `cache_dir` (default:
+    default_cache_dir(); None: no cache). Raises CheckpointError with one sentence.
+    """
+    path = Path(checkpoint) if checkpoint is not None else default_checkpoint_dir() / spec.checkpoint
+    path = resolve_checkpoint(path, spec, path.name == spec.checkpoint if allow_download is None
+                              else allow_download)
+    expected = expected_state(spec)
+
+    def check(state):  # before any conversion: a refused checkpoint is never converted or cached
+        check_state_dict(state, expected, spec, path, classes_may_differ)
+
+    cache = default_cache_dir() if cache_dir is _DEFAULT else cache_dir
+    state = read_state_dict(cached_zip_copy(path, cache, check=check))
+    check(state)
+    return state, path
+
+
+# ---------------------------------------------------------------- what train.py writes and reads back
+
+def module_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """State dict in the released layout: `module.` keys, CPU tensors."""
+    return {PREFIX + k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def label_facts(spec: DatasetSpec, flip_pairs: Sequence[Tuple[int, int]]) -> Dict:
+    """Extra checkpoint keys that make a custom model usable without other files (read_label_facts)."""
+    return {"dataset": spec.name, "labels": list(spec.labels), "input_size": list(spec.input_size),
+            "flip_pairs": [list(p) for p in flip_pairs]}
+
+
+def write_checkpoint(obj: Dict, path: Path) -> None:
+    """A model checkpoint or training state, written to a temporary and renamed (never half a file)."""
+    from schp.utils.outputs import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_model_checkpoint(path: Path, facts: Dict, **fields) -> None:
+    """A released-style model checkpoint: `fields` (epoch or cycle_n, and state_dict from module_state)
+    in the order given, then the label facts of label_facts()."""
+    write_checkpoint({**fields, **facts}, path)
+
+
+def write_training_state(path: Path, facts: Dict, *, epoch: int, cycle_n: int, model: torch.nn.Module,
+                         schp_model: torch.nn.Module, optimizer, rng: Dict, seed: int, args: Dict) -> None:
+    """What --resume continues from: both models, the optimizer, the random states, the seed and the
+    command line, with the label facts (so it also loads as a model checkpoint)."""
+    write_checkpoint({"epoch": epoch, "cycle_n": cycle_n, "state_dict": module_state(model),
+                      "schp_state_dict": module_state(schp_model), "optimizer": optimizer.state_dict(),
+                      "rng": rng, "seed": seed, "args": args, **facts}, path)
+
+
+def read_training_file(path: Path) -> Dict:
+    """A file train.py wrote (a training state, or a released-style model checkpoint), read safely;
+    CheckpointError unless it holds a 'state_dict'."""
+    obj = read_checkpoint_file(path)
+    if not isinstance(obj, dict) or "state_dict" not in obj:
+        raise CheckpointError(f"checkpoint {path}: not a training checkpoint (no 'state_dict')")
+    return obj
 
 
 def read_label_facts(path: Path) -> Optional[dict]:
     """The `labels`, `input_size` and `flip_pairs` a trained checkpoint carries (None for released files)."""
-    path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip_checkpoint(path))
-    except Exception as err:
-        raise CheckpointError(f"checkpoint {path}: {_load_error_reason(err)}") from None
+    obj = read_checkpoint_file(path)
     if not isinstance(obj, Mapping) or not all(k in obj for k in ("labels", "input_size")):
         return None
     return {"labels": list(obj["labels"]), "input_size": tuple(obj["input_size"]),

@@ -1,11 +1,12 @@
-"""Running the extractor under torchrun: one process per GPU (or CPU slot), each on its own share.
+"""Running under torchrun: one process per GPU (or CPU slot); the extractor's shares, the trainer's ranks.
 
 torchrun starts the processes and sets RANK, WORLD_SIZE and LOCAL_RANK (and where to meet) in their
 environment. Each process takes shard rank+1 of world size of the sorted inputs, exactly as
 `--shard` does, and runs on cuda:LOCAL_RANK when CUDA is used. At the end the processes gather their
 outcomes with torch.distributed (gloo on CPU, NCCL on GPU) so that rank 0 prints one summary and
 writes one manifest; every process then exits with the code of the whole run. The outputs are those
-of a single-process run: sharding only splits the work.
+of a single-process run: sharding only splits the work. The trainer uses the same Rank for its
+process group, loss averages and rank 0's decisions (`mean`, `broadcast`; a world of one needs none).
 """
 import os
 from dataclasses import dataclass
@@ -61,15 +62,35 @@ class Rank:
             return "nccl"
         return "gloo"
 
-    def start(self, device: torch.device) -> None:
+    def start(self, device: torch.device, timeout: timedelta = WAIT) -> None:
         """Join the other ranks (blocks until all have arrived)."""
         import torch.distributed as dist
 
         backend = self.backend(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=WAIT, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
         self.started = True
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The average of `values` over the ranks (itself in a world of one)."""
+        import torch.distributed as dist
+
+        if not self.started:
+            return values
+        values = values.clone()
+        dist.all_reduce(values)
+        return values / self.world_size
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's `value`, on every rank (itself in a world of one)."""
+        import torch.distributed as dist
+
+        if not self.started:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def gather(self, value: T) -> List[T]:
         """Every rank's `value`, in rank order, on every rank (waits for all)."""
@@ -82,7 +103,8 @@ class Rank:
     def barrier(self) -> None:
         import torch.distributed as dist
 
-        dist.barrier()
+        if self.started:
+            dist.barrier()
 
     def stop(self) -> None:
         import torch.distributed as dist

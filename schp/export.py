@@ -4,9 +4,10 @@ The `raw` graph is the contract that pipelines re-hosting SCHP already call: one
 N x 3 x H x W float32 (BGR, normalised), outputs `parsing`, `fusion`, `edge` at 1/4 resolution in the
 released order. The `labels` graph adds the extractor's network-side post-processing (upsampling to
 the input size with align_corners=True, argmax) and returns N x H x W int64 crop-space labels.
-Every file is written to a temporary name, run with its own runtime on a real crop, compared with
-PyTorch, and only then renamed into place.
+Every file is written to a temporary name, run with its own runtime on a drawn figure's crop, compared
+with PyTorch, and only then renamed into place.
 """
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Reduced precisions are approximate by nature (their maps differ from fp32 by more than 0.01% of the
 # pixels): only their logits error is bounded; the agreement is printed.
 TOLERANCES = {"fp32": (1e-4, 0.9999), "fp16": (5e-2, 0.0), "bf16": (5e-2, 0.0)}
-DEMO_IMAGE = Path(__file__).resolve().parent.parent / "demo" / "demo.jpg"
 
 
 class ExportError(SCHPError):
@@ -82,13 +82,36 @@ def check_options(fmt: str, precision: str, outputs: str, opset: int) -> None:
         raise ExportError(f"--opset {opset}: torch's ONNX exporter writes opset {DEFAULT_OPSET} or newer")
 
 
-def sample_crop(spec: DatasetSpec) -> torch.Tensor:
-    """1 x 3 x in_h x in_w normalised crop of the demo image, as the extractor feeds the network."""
-    from schp.data.crop import prepare_image
-    from schp.data.decode import read_image
-    from schp.inference import MEAN_BGR, STD_BGR
+def drawn_figure(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A deterministic H x W x 3 uint8 BGR picture to verify exports on: a figure of a head, a torso,
+    arms and legs in flat colours on a gradient, with a little seeded noise (edges and texture for
+    every part of the network; no file is needed, so an installed package verifies too)."""
+    import cv2
 
-    crop = prepare_image(0, read_image(DEMO_IMAGE), spec.input_size).image
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    img = np.stack([30 + 90 * xx / width, 70 + 50 * yy / height, np.full((height, width), 110.0)], -1)
+    cx = width // 2
+    colour = lambda: tuple(int(v) for v in rng.integers(20, 235, 3))  # noqa: E731
+    cv2.ellipse(img, (cx, int(0.14 * height)), (int(0.08 * width), int(0.09 * height)), 0, 0, 360, colour(), -1)
+    cv2.rectangle(img, (int(cx - 0.15 * width), int(0.24 * height)), (int(cx + 0.15 * width), int(0.58 * height)),
+                  colour(), -1)
+    for side in (-1, 1):
+        cv2.line(img, (int(cx + side * 0.15 * width), int(0.26 * height)),
+                 (int(cx + side * 0.32 * width), int(0.56 * height)), colour(), max(2, width // 18))
+        cv2.line(img, (int(cx + side * 0.07 * width), int(0.58 * height)),
+                 (int(cx + side * 0.11 * width), int(0.96 * height)), colour(), max(2, width // 12))
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def sample_crop(spec: DatasetSpec) -> torch.Tensor:
+    """1 x 3 x in_h x in_w normalised crop of a drawn portrait (3:4), as the extractor feeds the network."""
+    from schp.data.crop import prepare_image
+    from schp.utils.transforms import MEAN_BGR, STD_BGR
+
+    in_h, in_w = spec.input_size
+    crop = prepare_image(0, drawn_figure(in_h, max(1, in_w * 3 // 4)), spec.input_size).image
     x = torch.from_numpy(crop).permute(2, 0, 1).float().div(255)[None]
     return (x - torch.tensor(MEAN_BGR)[:, None, None]) / torch.tensor(STD_BGR)[:, None, None]
 
@@ -121,13 +144,23 @@ def _write(graph: ExportGraph, example: torch.Tensor, fmt: str, path: Path, opse
                               output_names=names, opset_version=opset, dynamic_shapes=dynamic,
                               external_data=False, verbose=False, report=False)
         elif fmt == "torchscript":
-            with torch.no_grad():
+            with torch.no_grad(), torchscript_asked_for():
                 traced = torch.jit.trace(graph, (example,), check_trace=False)
-            traced.save(str(path))
+                traced.save(str(path))
         else:
             with torch.no_grad():
                 program = torch.export.export(graph, (example,), dynamic_shapes=dynamic)
             torch.export.save(program, str(path))
+
+
+@contextlib.contextmanager
+def torchscript_asked_for():
+    """torch 2.9+ says on every TorchScript save and load that the format is deprecated; a user who asked
+    for --format torchscript chose it (docs/export.md says torch.export is the newer one)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
 
 
 def run_file(path: Path, fmt: str, x: torch.Tensor, threads: Optional[int] = None):
@@ -140,7 +173,8 @@ def run_file(path: Path, fmt: str, x: torch.Tensor, threads: Optional[int] = Non
         return tuple(torch.from_numpy(o) for o in session.run(None, {INPUT_NAME: x.numpy()}))
     with torch.inference_mode():
         if fmt == "torchscript":
-            out = torch.jit.load(str(path), map_location="cpu")(x)
+            with torchscript_asked_for():
+                out = torch.jit.load(str(path), map_location="cpu")(x)
         else:
             out = torch.export.load(str(path)).module()(x)
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)

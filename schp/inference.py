@@ -225,30 +225,21 @@ class HumanParser:
         return warp_argmax_torch(logits, out_to_in, width, height).cpu().numpy()
 
 
-def load_human_parser(spec: DatasetSpec, checkpoint: Path, device: torch.device, precision: str = "fp32", *,
-                      allow_tf32: bool = False, allow_download: bool = False, cache_dir: Optional[Path] = None,
-                      **options) -> Tuple[HumanParser, Path]:
+def load_human_parser(spec: DatasetSpec, checkpoint: Optional[Path], device: torch.device, precision: str = "fp32",
+                      *, allow_tf32: bool = False, allow_download: Optional[bool] = None,
+                      cache_dir: Optional[Path] = None, **options) -> Tuple[HumanParser, Path]:
     """A HumanParser for a checkpoint file, and the path it was read from (after any download).
 
-    The one loading path of every front door. Reads safely, checks every key and shape against the
-    network of `spec` (one readable error) before anything is converted, and uses the converted zip
-    copy in the cache when there is one (default cache: see checkpoint.default_cache_dir). `options`
-    go to HumanParser (flip, scales, ...). Raises CheckpointError, or ValueError for a precision or
-    augmentation setting the device cannot run.
+    The one loading path of every front door: checkpoint.load_checkpoint (None = the released file in
+    the default folder; downloaded only under its released name, unless `allow_download` says; read
+    safely, checked against the network, through the converted zip cache: `cache_dir`, default
+    checkpoint.default_cache_dir). `options` go to HumanParser (flip, scales, ...). Raises
+    CheckpointError, or ValueError for a precision or augmentation setting the device cannot run.
     """
-    from schp.checkpoint import (cached_zip_copy, check_state_dict, default_cache_dir, read_state_dict,
-                                 resolve_checkpoint)
+    from schp.checkpoint import default_cache_dir, load_checkpoint
 
-    path = resolve_checkpoint(Path(checkpoint), spec, allow_download=allow_download)
-    with torch.device("meta"):  # shapes only
-        expected = build_ce2p(spec.num_classes).state_dict()
-
-    def check(state):  # before any conversion: a refused checkpoint is never converted or cached
-        check_state_dict(state, expected, spec, path)
-
-    cache = cache_dir if cache_dir is not None else default_cache_dir()
-    state = read_state_dict(cached_zip_copy(path, cache, check=check))
-    check(state)
+    state, path = load_checkpoint(spec, checkpoint, allow_download=allow_download,
+                                  cache_dir=cache_dir if cache_dir is not None else default_cache_dir())
     return HumanParser(spec, state, device, precision, allow_tf32, **options), path
 
 

@@ -53,7 +53,7 @@ def small_tmpfs(tmp_path):
 def test_memmap_on_a_full_disk_is_an_oserror_not_sigbus(small_tmpfs):
     # 2 MiB of logits on a 1 MiB disk: sparse pages would SIGBUS when touched; reserved, ENOSPC is raised
     code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
-            "from utils.outputs import npy_memmap\n"
+            "from schp.utils.outputs import npy_memmap\n"
             "try:\n"
             "    with npy_memmap(Path(sys.argv[1]), (512, 512, 2)) as a: a[:] = 1.0\n"
             "except OSError as err: print('OSError', err.errno, err.filename)")

@@ -354,7 +354,7 @@ def test_init_from_a_released_checkpoint_reinitialises_only_the_heads(checkpoint
 
 def test_imagenet_backbone_loading_rules(tmp_path):
     from schp.networks import CE2P
-    from schp.training.trainer import TrainingError, load_imagenet
+    from schp.networks.imagenet import PretrainedWeightsError, load_imagenet
 
     torch.manual_seed(1)
     donor = CE2P(7).state_dict()
@@ -372,7 +372,22 @@ def test_imagenet_backbone_loading_rules(tmp_path):
     assert torch.equal(state["decoder.conv4.weight"], head)  # decoder keeps its own init
     del file["layer4.2.conv3.weight"]
     torch.save(file, tmp_path / "partial.pth")
-    with pytest.raises(TrainingError, match="1 missing.*layer4.2.conv3.weight"):
+    with pytest.raises(PretrainedWeightsError, match="1 missing.*layer4.2.conv3.weight"):
         load_imagenet(model, tmp_path / "partial.pth")
-    with pytest.raises(TrainingError, match="no such file.*--imagenet-pretrain none"):
+    with pytest.raises(PretrainedWeightsError, match="pretrained=.*absent.pth.*no such file.*resnet101-imagenet"):
         load_imagenet(model, tmp_path / "absent.pth")
+
+
+def test_train_py_names_its_flag_and_the_way_without_a_backbone(tmp_path, capsys):
+    from schp.commands import train
+    from tiny_parsing_data import make_dataset
+
+    data = make_dataset(tmp_path / "data", 4, train=2)
+    absent = tmp_path / "absent.pth"
+    code = train.main(["--dataset", "custom", "--num-classes", "4", "--data-dir", str(data), "--log-dir",
+                       str(tmp_path / "log"), "--imagenet-pretrain", str(absent), "--input-size", "64,64",
+                       "--batch-size", "2", "--num-workers", "0", "--quiet"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert last.startswith(f"error: --imagenet-pretrain {absent}: no such file; get the deep-stem ResNet-101")
+    assert last.endswith("or pass --imagenet-pretrain none to train from scratch")

@@ -3,9 +3,10 @@ import cv2
 import numpy as np
 import pytest
 
+from original_pipeline import transform_logits  # the released whole-image inverse warp, transliterated
 from schp.inference import labels_from_logits
 from schp.utils.transforms import (box_center_scale, get_affine_transform, output_to_input_map, row_bands,
-                              transform_logits, warp_channel_rows, warp_to_input)
+                                   warp_channel_rows, warp_to_input)
 
 SIZES = [(1024, 1024), (2000, 1333), (1333, 2000), (61, 97), (1, 40), (40, 1), (1, 1), (3, 2)]  # (w, h)
 

@@ -38,10 +38,12 @@ def emit(lines: Iterable[str]) -> None:
         os.close(devnull)
 
 
-def interruptible(body, argv) -> int:
-    """Run a command's body with SIGTERM and SIGHUP acting as Ctrl-C from the first second on; a stop
-    before any input (download, model build) is one line and exit 130."""
-    from schp.errors import EXIT_INTERRUPTED
+def interruptible(body, argv, flags=None) -> int:
+    """Run a command's body with SIGTERM and SIGHUP acting as Ctrl-C from the first second on. An engine
+    error is one line `error: ...` naming the command's flags (`flags`: parameter -> flag where they
+    differ) and its exit code; a stop before any input (download, model build) is one line and 130."""
+    from schp.commands.options import flag_message
+    from schp.errors import EXIT_INTERRUPTED, SCHPError
     from schp.runs.loop import stop_signals_as_interrupt
 
     with stop_signals_as_interrupt():
@@ -49,6 +51,9 @@ def interruptible(body, argv) -> int:
             return body(argv)
         except SystemExit as stop:  # --help, --version, a usage error: its exit code, for callers of main()
             return stop.code
+        except SCHPError as err:
+            print(f"error: {flag_message(err, flags)}", file=sys.stderr)
+            return err.exit_code
         except KeyboardInterrupt:
             print("interrupted before any input was processed", file=sys.stderr)
             return EXIT_INTERRUPTED

@@ -109,8 +109,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from schp.data.labelled import LabelledDataError, id_file
     from schp.checkpoint import CheckpointError
     from schp.evaluation import evaluate, score_files
+    from schp.api import load_parser
     from schp.choices import parse_scales
-    from schp.inference import load_human_parser, select_device
     from tqdm import tqdm
 
     data_dir = Path(args.data_dir)
@@ -136,15 +136,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 scales = parse_scales(args.multi_scales)
                 # the original's default --gpu 0: CUDA device 0 where there is one, else (silently) the CPU
                 gpu = args.gpu if args.gpu is not None else ("0" if torch.cuda.is_available() else None)
-                device = select_device(args.device, gpu)
-                parser, checkpoint = load_human_parser(
-                    spec, Path(args.model_restore), device, args.precision, flip=args.flip, scales=scales,
-                    backend=args.backend, allow_download=Path(args.model_restore).name == spec.checkpoint,
-                    allow_tf32=args.allow_tf32)
+                parser, checkpoint = load_parser(  # the extractor's path: device, bf16 warning, TF32
+                    spec, args.model_restore, args.device, gpu, args.precision, args.allow_tf32, flip=args.flip,
+                    scales=scales, backend=args.backend)
             except (CheckpointError, ValueError, RuntimeError) as err:
                 raise SetupError(options.flag_message(err)) from None
             settings.update(mode="model", checkpoint=str(checkpoint), input_size=list(spec.input_size),
-                            device=str(device), precision=args.precision, backend=parser.backend,
+                            device=str(parser.device), precision=args.precision, backend=parser.backend,
                             tta={"flip": args.flip, "scales": list(scales)},
                             legacy_int_centers=not args.float_centers)
     except SetupError as err:

@@ -3,7 +3,7 @@
 
     python export.py --dataset atr --model-restore CKPT --output parsing_atr.onnx
 
-The written file is run with its own runtime (ONNX Runtime for ONNX) on a real crop and compared with
+The written file is run with its own runtime (ONNX Runtime for ONNX) on a drawn crop and compared with
 PyTorch; a mismatch above tolerance removes it. Exit codes: 0 written and verified, 1 the file did not
 verify (nothing written), 2 usage or set-up error, 130 interrupted.
 """
@@ -47,19 +47,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def load_state(args, spec):
-    from schp.checkpoint import (cached_zip_copy, check_state_dict, default_cache_dir, default_checkpoint_dir,
-                                 read_state_dict, resolve_checkpoint)
-    from schp.networks import build_ce2p
-    import torch
+    from schp.checkpoint import load_checkpoint
 
-    given = args.model_restore is not None
-    path = Path(args.model_restore) if given else default_checkpoint_dir() / spec.checkpoint
-    path = resolve_checkpoint(path, spec, allow_download=not given or path.name == spec.checkpoint)
-    state = read_state_dict(cached_zip_copy(path, default_cache_dir()))
-    with torch.device("meta"):
-        expected = build_ce2p(spec.num_classes).state_dict()
-    check_state_dict(state, expected, spec, path)
-    return state, path
+    return load_checkpoint(spec, args.model_restore)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

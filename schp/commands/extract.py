@@ -108,39 +108,33 @@ def run_options(args) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from schp.commands.console import interruptible
-    return interruptible(_main, argv)
+    return interruptible(_main, argv, FLAGS)
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse_args(argv)
     from schp.commands.console import ConsoleReporter, emit
-    from schp.errors import SCHPError
-    try:
-        if args.legend:
-            from schp.runs.extract import dataset_spec
-            print_legend(dataset_spec(args.dataset, args.model_restore))
-            return EXIT_OK
-        if args.integratedpifu_dir is None and not (args.input_dir and args.output_dir):
-            raise SetupError("folder mode needs --input-dir and --output-dir (or use --integratedpifu-dir)")
-        from schp.runs.extract import prepare_extraction
-        extraction = prepare_extraction(args.input_dir or None, args.output_dir or None,
-                                        integratedpifu_dir=args.integratedpifu_dir, **run_options(args))
-        if extraction.ranks and not extraction.ranks.is_main:
-            args.quiet = True  # one progress bar
-        if args.dry_run:
-            for note in extraction.plan.notes:
-                print(note, file=sys.stderr)
-            emit(extraction.plan.listing(args.overwrite))
-            return EXIT_OK
-        reporter = ConsoleReporter(args.quiet)
-        for note in extraction.plan.notes:  # before the model loads, as the listing found them
-            reporter.line(note)
-        extraction.plan.notes = []
-        report = extraction.execute(reporter)
-    except SCHPError as err:
-        print(f"error: {options.flag_message(err, FLAGS)}", file=sys.stderr)
-        return err.exit_code
-    return report.exit_code()
+    if args.legend:
+        from schp.runs.extract import dataset_spec
+        print_legend(dataset_spec(args.dataset, args.model_restore))
+        return EXIT_OK
+    if args.integratedpifu_dir is None and not (args.input_dir and args.output_dir):
+        raise SetupError("folder mode needs --input-dir and --output-dir (or use --integratedpifu-dir)")
+    from schp.runs.extract import prepare_extraction
+    extraction = prepare_extraction(args.input_dir or None, args.output_dir or None,
+                                    integratedpifu_dir=args.integratedpifu_dir, **run_options(args))
+    if extraction.ranks and not extraction.ranks.is_main:
+        args.quiet = True  # one progress bar
+    if args.dry_run:
+        for note in extraction.plan.notes:
+            print(note, file=sys.stderr)
+        emit(extraction.plan.listing(args.overwrite))
+        return EXIT_OK
+    reporter = ConsoleReporter(args.quiet)
+    for note in extraction.plan.notes:  # before the model loads, as the listing found them
+        reporter.line(note)
+    extraction.plan.notes = []
+    return extraction.execute(reporter).exit_code()
 
 
 if __name__ == "__main__":

@@ -109,21 +109,15 @@ def run_options(args) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from schp.commands.console import interruptible
-    return interruptible(_main, argv)
+    return interruptible(_main, argv, FLAGS)
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse_args(argv)
     from schp.commands.console import ConsoleReporter
-    from schp.errors import SCHPError
-    try:
-        from schp.multi_person.run import prepare_multi_person
-        report = prepare_multi_person(args.input_dir, args.output_dir, **run_options(args)).execute(
-            ConsoleReporter(args.quiet))
-    except SCHPError as err:
-        print(f"error: {options.flag_message(err, FLAGS)}", file=sys.stderr)
-        return err.exit_code
-    return report.exit_code()
+    from schp.multi_person.run import prepare_multi_person
+    run = prepare_multi_person(args.input_dir, args.output_dir, **run_options(args))
+    return run.execute(ConsoleReporter(args.quiet)).exit_code()
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ The released command lines keep working. Exit codes: 0 done, 1 bad training data
 loss, 2 usage or set-up error, 130 interrupted (continue with --resume).
 """
 import argparse
+import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -163,12 +165,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"note: --gpu {args.gpu}: one process uses the first; for several GPUs launch "
               "torchrun --nproc-per-node N train.py ...", file=sys.stderr)
     from schp.training.trainer import train
+    with show_training_log():
+        try:
+            return train(config)
+        except KeyboardInterrupt:
+            print(f"interrupted; continue with --resume (from {Path(args.log_dir) / 'last.pth.tar'}, the last "
+                  "finished epoch)", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+class _Lines(logging.Formatter):
+    """The trainer's log as this command's lines: `error: ...` / `warning: ...`, progress as it is."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = {logging.ERROR: "error: ", logging.WARNING: "warning: "}.get(record.levelno, "")
+        return prefix + record.getMessage()
+
+
+@contextmanager
+def show_training_log():
+    """The `schp.training` logger on stderr, one line per message, while the job runs (through this
+    handler only: not also as the plain engine log that options.parse shows)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Lines())
+    logger = logging.getLogger("schp.training")
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     try:
-        return train(config)
-    except KeyboardInterrupt:
-        print(f"interrupted; continue with --resume (from {Path(args.log_dir) / 'last.pth.tar'}, the last "
-              "finished epoch)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ class ImageError(SCHPError):
     """An input that cannot be parsed; the message is the reason, for one line naming the file."""
 
 
+class ImageTooLarge(ImageError):
+    """An image refused for its size (--max-pixels, OpenCV's side limit): a service answers 413."""
+
+
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -144,6 +148,11 @@ def read_image(path: Path, max_pixels: Optional[int] = None) -> np.ndarray:
         data = path.read_bytes()
     except OSError as err:
         raise ImageError(f"cannot read: {err.strerror or err}") from None
+    return decode_image(data, max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: Optional[int] = None) -> np.ndarray:
+    """read_image for the bytes of a file already in memory (a request body): the same checks and reasons."""
     if not data:
         raise ImageError("empty file (0 bytes)")
     size = None
@@ -158,7 +167,7 @@ def read_image(path: Path, max_pixels: Optional[int] = None) -> np.ndarray:
         size = header_size(data)
     problem = size and size_problem(*size, max_pixels)
     if problem:
-        raise ImageError(problem)
+        raise ImageTooLarge(problem)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         head = data[:16].split(b"\n")[0]
@@ -167,5 +176,5 @@ def read_image(path: Path, max_pixels: Optional[int] = None) -> np.ndarray:
         raise ImageError(f"decoded to an unexpected array {image.shape} {image.dtype}")
     problem = size_problem(image.shape[1], image.shape[0], max_pixels)  # for headers we could not read
     if problem:
-        raise ImageError(problem)
+        raise ImageTooLarge(problem)
     return image

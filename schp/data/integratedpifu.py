@@ -47,11 +47,6 @@ def subject_id_problem(subject: str) -> Optional[str]:
     return None
 
 
-def read_subject_list(path: Path) -> List[str]:
-    """Subject ids, one per line, leading zeros kept; blank lines and a missing final newline are fine."""
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
 def find_subjects(root: Path, which: str = "all") -> Tuple[List[str], Optional[str], List[RefusedSubject]]:
     """(subjects, note, refused): ids from the list files selected by `which` (all, train, test).
 

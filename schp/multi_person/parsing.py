@@ -5,7 +5,7 @@ with the parser's flip / multi-scale averaging, the per-channel inverse warp), e
 released extension's evaluator writes as `.npy` logits.
 """
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -39,11 +39,13 @@ def image_logits(parser: HumanParser, images: Sequence[np.ndarray], batch_size: 
     return out
 
 
-def load_parser(spec, path, allow_download: bool, device, precision: str = "fp32", flip: bool = False,
-                scales: Sequence[float] = (1.0,), backend: str = "torch") -> Tuple[HumanParser, Path]:
-    """A HumanParser for one of the CIHP checkpoints (either container; downloaded when it is missing and
-    named as released). Raises CheckpointError or ValueError with a one-line reason."""
+def load_parser(spec, path: Optional[Path], allow_download: Optional[bool], device, precision: str = "fp32",
+                flip: bool = False, scales: Sequence[float] = (1.0,), backend: str = "torch") -> Tuple[HumanParser, Path]:
+    """A HumanParser for one of the CIHP checkpoints (either container), through the one loading path
+    (checkpoint.load_checkpoint: `path` None = the released file in the default folder; downloaded only
+    under its released name when `allow_download` is None). Raises CheckpointError or ValueError with a
+    one-line reason."""
     from schp.inference import load_human_parser
 
-    return load_human_parser(spec, Path(path), device, precision, allow_download=allow_download, flip=flip,
+    return load_human_parser(spec, path, device, precision, allow_download=allow_download, flip=flip,
                              scales=scales, backend=backend)

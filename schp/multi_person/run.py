@@ -229,18 +229,17 @@ def make_source(options: MultiPersonOptions, names: List[str], device):
 
 def load_parsers(options: MultiPersonOptions, device):
     """((global, local) HumanParsers, their checkpoint paths), through the one loading path."""
-    from schp.checkpoint import CheckpointError, default_checkpoint_dir
+    from schp.checkpoint import CheckpointError
     from schp.data.catalog import MULTI_PERSON
     from schp.multi_person.parsing import load_parser
 
     parsers, paths = [], []
     for role, given in (("global", options.global_checkpoint), ("local", options.local_checkpoint)):
         spec = dataclasses.replace(MULTI_PERSON[role], input_size=tuple(options.input_size))
-        path = Path(given) if given else default_checkpoint_dir() / spec.checkpoint
         try:
-            parser, path = load_parser(spec, path, allow_download=not given or path.name == spec.checkpoint,
-                                       device=device, precision=options.precision, flip=options.flip,
-                                       scales=options.scales, backend=options.backend)
+            parser, path = load_parser(spec, given or None, allow_download=None, device=device,
+                                       precision=options.precision, flip=options.flip, scales=options.scales,
+                                       backend=options.backend)
         except CheckpointError as err:
             raise SetupError(str(err), f"{role}_checkpoint") from None
         parsers.append(parser)

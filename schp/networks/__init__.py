@@ -9,13 +9,13 @@ def init_model(name: str = "resnet101", num_classes: int = 20, pretrained=None) 
 
     Only CE2P on ResNet-101 exists, as in the released code. `pretrained`: an ImageNet backbone file
     (the deep-stem ResNet-101 the original trains from), loaded into the backbone; None keeps the
-    random initialisation.
+    random initialisation; an unusable file raises networks.imagenet.PretrainedWeightsError.
     """
     if name not in ARCHITECTURES:
         raise KeyError(f"Unknown model arch: {name}")
     model = build_ce2p(num_classes)
     if pretrained is not None:
-        from schp.training.trainer import load_imagenet
+        from schp.networks.imagenet import load_imagenet
         load_imagenet(model, pretrained)
     return model
 

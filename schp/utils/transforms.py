@@ -111,14 +111,6 @@ def warp_channel_rows(channel: np.ndarray, out_to_in: np.ndarray, width: int, st
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def transform_logits(logits: np.ndarray, center: np.ndarray, scale: np.ndarray, width: int, height: int,
-                     input_size: Size) -> np.ndarray:
-    """The original's inverse warp, whole image: in_h x in_w x C float32 -> height x width x C float32."""
-    out_to_in = output_to_input_map(center, scale, input_size)
-    return np.stack([warp_channel_rows(np.ascontiguousarray(logits[:, :, c]), out_to_in, width, 0, height)
-                     for c in range(logits.shape[2])], axis=2)
-
-
 def _opencv_taps(position_1024: np.ndarray, source_size: int):
     """Source taps and bilinear weights of OpenCV's fixed-point warp along one axis.
 
