@@ -22,9 +22,17 @@ FLAGS = {"checkpoint": "--global-restore / --local-restore", "global_checkpoint"
 def build_parser() -> argparse.ArgumentParser:
     p = options.CommandParser(
         description="Multi-person human parsing: class, person and part maps per image (CIHP models).")
-    p.add_argument("--input-dir", required=True, help="folder of images")
+    p.add_argument("--input-dir", required=True, help="folder of images and videos (.mp4 .avi .mov .mkv .webm)")
     p.add_argument("--output-dir", required=True,
-                   help="where global_parsing/, instance_parsing/, global_tag/, overlay/, instances/ go")
+                   help="where global_parsing/, instance_parsing/, global_tag/, overlay/, instances/ go; "
+                        "a video's in <video>/ (with instance_segmentation/)")
+    p.add_argument("--sequences", action="store_true",
+                   help="each subfolder of --input-dir is a video: its frames in sorted name order (VIP layout)")
+    p.add_argument("--every", type=int, default=1, metavar="N", help="videos: parse every Nth frame")
+    p.add_argument("--track-window", type=int, default=30, metavar="FRAMES",
+                   help="videos: a person who is gone for up to this many frames keeps their id")
+    p.add_argument("--track-iou", type=float, default=0.3,
+                   help="videos: the least mask IoU for a person to keep the id of the previous frames")
     p.add_argument("--instances", nargs="+", metavar="SOURCE", default=["torchvision"],
                    help="who is in each image: 'masks DIR' (DIR/<stem>.png person ids, optional "
                         "DIR/<stem>.json scores), 'detectron2 FILE' (instances_predictions.pth), or "
@@ -94,7 +102,9 @@ def run_options(args) -> dict:
                 jpeg_roundtrip=not args.no_jpeg_roundtrip, legacy_person_count=args.legacy_person_count,
                 overlay=not args.no_overlay, device=args.device, gpu=args.gpu, precision=args.precision,
                 backend=args.backend, batch_size=args.batch_size, num_workers=args.num_workers,
-                overwrite=args.overwrite, summary=args.summary, label_map=args.label_map)
+                overwrite=args.overwrite, summary=args.summary, label_map=args.label_map,
+                sequences=args.sequences, every=args.every, track_window=args.track_window,
+                track_iou=args.track_iou)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

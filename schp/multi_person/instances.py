@@ -278,3 +278,22 @@ def build_torchvision_detector(weights: Optional[Path], min_size: int = DETECTOR
         raise SourceError(f"--detector-weights {weights}: not maskrcnn_resnet50_fpn_v2 COCO weights "
                           f"({first[:200]})") from None
     return model
+
+
+class FrameSource:
+    """The instances of one video's frames, from a source made for photos: masks from `DIR/<video>/`
+    (`<frame>.png`, optional `<frame>.json`), detectron2 entries by the image list's `<video>/<frame
+    file>`, the detector on each frame."""
+
+    def __init__(self, source, video: str):
+        self.source, self.video = source, video
+        if isinstance(source, MaskFolderSource):
+            self.source = MaskFolderSource.__new__(MaskFolderSource)
+            self.source.folder = source.folder / video
+
+    def instances(self, image: np.ndarray, frame: Path) -> List[Instance]:
+        if isinstance(self.source, MaskFolderSource) and not self.source.folder.is_dir():
+            raise InstanceError(f"no mask folder {self.source.folder} for video {self.video}")
+        if isinstance(self.source, Detectron2FileSource):
+            return self.source.instances(image, frame, f"{self.video}/{Path(frame).name}")
+        return self.source.instances(image, frame)

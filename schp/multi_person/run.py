@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 from schp.data.decode import ImageError, read_image
 from schp.errors import SCHPError, SetupError
 from schp.multi_person.instances import InstanceError
+from schp.multi_person.video import MultiPersonVideoJob, VideoTask, detection_names, plan_videos
 from schp.multi_person.nms import EXPAND_RATIO, MAX_PERSONS, OVERLAP_THRESHOLD, SCORE_THRESHOLD, select_people
 from schp.runs.loop import Job, Reporter, RunReport, Task, Unit, stop_signals_held
 
@@ -122,12 +123,20 @@ class MultiPersonJob(Job):
 
     def write(self, task: ImageTask, unit: Unit, work) -> Dict[str, int]:
         """Fusion and every output of one image (writer thread)."""
-        from schp.multi_person.fusion import fuse, nobody
         from schp.multi_person.outputs import instances_record, save_outputs
 
         if isinstance(work, Exception):
             raise work
         _, image, _ = unit.payload
+        people, fused = self.fuse(task, image, work)
+        record = instances_record(task.source.name, image.shape[0], image.shape[1], people, self.source.describe())
+        save_outputs(task.paths, image, fused, record, self.label_map)
+        return {"persons": len(fused.tags), "parts": len(fused.confidences)}
+
+    def fuse(self, task, image, work):
+        """(persons kept, fused maps) of one image from its forward pass's work."""
+        from schp.multi_person.fusion import fuse, nobody
+
         people, global_logits, crop_logits = work
         height, width = image.shape[:2]
         if people.count == 0:
@@ -138,9 +147,7 @@ class MultiPersonJob(Job):
         if fused.parts_capped:
             self.reporter.line(f"warning: {task.source}: more than 255 (person, class) parts; the rest have no "
                                "part id (the part map is 8-bit, as in the original)")
-        record = instances_record(task.source.name, height, width, people, self.source.describe())
-        save_outputs(task.paths, image, fused, record, self.label_map)
-        return {"persons": len(fused.tags), "parts": len(fused.confidences)}
+        return people, fused
 
 
 @dataclass
@@ -171,6 +178,10 @@ class MultiPersonOptions:
     overwrite: bool = False
     summary: Optional[PathLike] = None
     label_map: Any = None  # a JSON file, a dict of its structure, or a LabelMap (for the class map)
+    sequences: bool = False  # each subfolder of the input folder is a video of frames
+    every: int = 1  # videos: parse every Nth frame
+    track_window: int = 30  # videos: frames an id waits for its person to come back
+    track_iou: float = 0.3  # videos: the least mask IoU of the same person in two frames
 
     def settings(self) -> Settings:
         return Settings(self.score_threshold, self.overlap_threshold, self.expand, self.jpeg_roundtrip,
@@ -256,6 +267,7 @@ def manifest_record(options: MultiPersonOptions, source, checkpoints, device, re
         "images": [{"input": str(o.task.source), "status": o.status, "reason": o.reason,
                     "persons": o.details.get("persons"), "parts": o.details.get("parts"),
                     "seconds": round(o.seconds, 3) or None,
+                    **({"frames": o.details["frames"]} if "frames" in o.details else {}),
                     "outputs": {k: str(v) for k, v in o.task.paths.items()}} for o in report.outcomes],
     }
 
@@ -292,13 +304,15 @@ class MultiPersonRun:
         source, parsers, checkpoints = None, (None, None), None
         try:
             if any(t.plan(o.overwrite) == "process" for t in self.tasks):  # else: no model, no detector
-                source = make_source(o, sorted(t.source.name for t in self.tasks), device)
+                source = make_source(o, detection_names(self.tasks), device)
                 parsers, checkpoints = load_parsers(o, device)
         except (SCHPError, KeyboardInterrupt):
             remove_empty(made)
             raise
         cv2.setNumThreads(1)
         job = MultiPersonJob(parsers[0], parsers[1], source, o.settings(), reporter, self.label_map)
+        if any(isinstance(t, VideoTask) for t in self.tasks):
+            job = MultiPersonVideoJob(job, o.track_window, o.track_iou, o.overwrite)
         report = run(job, self.tasks, overwrite=o.overwrite, reporter=reporter)
         report.record = manifest_record(o, source, checkpoints, device, report)
         with stop_signals_held() as held:
@@ -322,8 +336,15 @@ def prepare_multi_person(input_dir: PathLike, output_dir: PathLike, **options) -
     from schp.data.catalog import MULTI_PERSON
     from schp.data.label_map import resolve_label_map
     label_map = resolve_label_map(o.label_map, MULTI_PERSON["global"].labels)
+    if o.every < 1 or o.track_window < 0 or not 0 < o.track_iou <= 1:
+        raise SetupError("{every} must be >= 1, {track_window} >= 0 and 0 < {track_iou} <= 1",
+                         mentions={"every": ..., "track_window": ..., "track_iou": ...})
     tasks, others = plan_images(input_dir, output_dir, o.overlay)
-    notes = [f"skipping {p}: not an image" for p in others]
+    videos, others = plan_videos(input_dir, output_dir, [p.relative_to(input_dir) for p in others], o.sequences,
+                                 o.overlay, o.every)
+    tasks += videos
+    others = [Path(input_dir) / p for p in others]
+    notes = [f"skipping {p}: not an image or a video" for p in others]
     return MultiPersonRun(tasks, others, Path(output_dir), o, label_map, notes)
 
 
