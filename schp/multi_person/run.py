@@ -295,7 +295,7 @@ class MultiPersonRun:
             if any(t.plan(o.overwrite) == "process" for t in self.tasks):  # else: no model, no detector
                 source = make_source(o, sorted(t.source.name for t in self.tasks), device)
                 parsers, checkpoints = load_parsers(o, device)
-        except (SCHPError, KeyboardInterrupt):
+        except BaseException:  # any failed set-up leaves no folder it made
             remove_empty(made)
             raise
         cv2.setNumThreads(1)
@@ -324,6 +324,8 @@ def prepare_multi_person(input_dir: PathLike, output_dir: PathLike, **options) -
     from schp.data.label_map import resolve_label_map
     label_map = resolve_label_map(o.label_map, MULTI_PERSON["global"].labels)
     tasks, others = plan_images(input_dir, output_dir, o.overlay)
+    from schp.runs.extract import check_summary
+    check_summary(o.summary)
     notes = [f"skipping {p}: not an image" for p in others]
     return MultiPersonRun(tasks, others, Path(output_dir), o, label_map, notes)
 
