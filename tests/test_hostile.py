@@ -362,3 +362,20 @@ def test_summary_under_a_file_is_a_setup_error_in_every_command(tmp_path, capsys
         assert code == 2, (name, err)
         assert f"--summary {blocker / 'run.json'}" in err and "is a file" in err, (name, err)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_stop_signal_once_the_outcome_is_decided_is_not_a_death_by_signal():
+    """The commands' entry point: a Ctrl-C or SIGTERM landing as main() ends (after its handlers are
+    restored, as the second of a double Ctrl-C can) gives 130 or main's code, never -2 / -15."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        script = ("import os, signal, sys\n"
+                  f"sys.path.insert(0, {str(ROOT)!r})\n"
+                  "from schp.commands.console import exit_with\n"
+                  "def main():\n"
+                  f"    os.kill(os.getpid(), {int(signum)})\n"
+                  "    return 0\n"
+                  "exit_with(main)\n")
+        done = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.returncode in (0, 130) and "Traceback" not in done.stderr, (signum, done.returncode, done.stderr)
+    for shim in ("simple_extractor.py", "multi_person.py", "evaluate.py", "export.py"):
+        assert "exit_with(main)" in (ROOT / shim).read_text(), shim

@@ -52,3 +52,30 @@ def interruptible(body, argv) -> int:
         except KeyboardInterrupt:
             print("interrupted before any input was processed", file=sys.stderr)
             return EXIT_INTERRUPTED
+
+
+def exit_with(main) -> None:
+    """A command's process entry point: sys.exit(main()), where a stop signal arriving once main's
+    outcome is decided (its manifest written, its handlers restored) cannot turn it into a death by
+    signal (exit -2 / 143): the outcome stands, and a signal before any outcome is exit 130."""
+    import signal
+
+    from schp.errors import EXIT_INTERRUPTED
+    from schp.runs.loop import handled_signals, raise_keyboard_interrupt
+
+    for s in handled_signals((signal.SIGTERM, signal.SIGHUP)):  # from the first line, as Ctrl-C
+        signal.signal(s, raise_keyboard_interrupt)
+    code = None
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        while True:  # until every stop signal is ignored; one landing meanwhile changes nothing
+            try:
+                for s in handled_signals():
+                    signal.signal(s, signal.SIG_IGN)
+                break
+            except KeyboardInterrupt:
+                continue
+    sys.exit(EXIT_INTERRUPTED if code is None else code)

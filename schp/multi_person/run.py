@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from schp.data.decode import ImageError, read_image
-from schp.errors import SCHPError, SetupError
+from schp.errors import SetupError
 from schp.multi_person.instances import InstanceError
 from schp.multi_person.nms import EXPAND_RATIO, MAX_PERSONS, OVERLAP_THRESHOLD, SCORE_THRESHOLD, select_people
 from schp.runs.loop import Job, Reporter, RunReport, Task, Unit, stop_signals_held
