@@ -87,6 +87,14 @@ def _array_to_bgr(array: np.ndarray, color: Optional[str]) -> np.ndarray:
     return np.ascontiguousarray(pixels if order == "bgr" else pixels[:, :, ::-1])
 
 
+def _check_size(width: int, height: int) -> None:
+    """The command line's size rules for an image given as pixels (a file gets them from its reader)."""
+    from schp.data.decode import DEFAULT_MAX_PIXELS, size_problem
+    problem = size_problem(width, height, DEFAULT_MAX_PIXELS)
+    if problem:
+        raise ParameterError(f"image of {problem}")
+
+
 def to_bgr(image, color: Optional[str] = None) -> np.ndarray:
     """H x W x 3 uint8 BGR pixels of `image`, as cv2.imread would decode the same picture from a file.
 
@@ -101,12 +109,15 @@ def to_bgr(image, color: Optional[str] = None) -> np.ndarray:
         except ImageError as err:
             raise ParameterError(f"{image}: {err}") from None
     if isinstance(image, np.ndarray):
+        if image.ndim in (2, 3):
+            _check_size(image.shape[1], image.shape[0])
         return _array_to_bgr(image, color)
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - Pillow is a requirement
         Image = None
     if Image is not None and isinstance(image, Image.Image):
+        _check_size(*image.size)
         return _pil_to_bgr(image)
     raise TypeError(f"cannot parse a {type(image).__name__}: pass a NumPy uint8 array, a PIL image "
                     "or a path to an image file")

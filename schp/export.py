@@ -8,6 +8,7 @@ Every file is written to a temporary name, run with its own runtime on a drawn f
 with PyTorch, and only then renamed into place.
 """
 import contextlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from schp.choices import DEFAULT_OPSET, FORMAT_PRECISIONS, FORMATS, OUTPUTS  # n
 from schp.data.catalog import DatasetSpec
 from schp.errors import SCHPError, SetupError
 from schp.networks import build_ce2p, fold_abn
+from schp.utils.outputs import remove_stale_temporaries, temp_path
 
 INPUT_NAME = "input.1"  # what the re-hosting pipelines feed
 RAW_OUTPUT_NAMES = ("parsing", "fusion", "edge")
@@ -146,11 +148,23 @@ def _write(graph: ExportGraph, example: torch.Tensor, fmt: str, path: Path, opse
         elif fmt == "torchscript":
             with torch.no_grad(), torchscript_asked_for():
                 traced = torch.jit.trace(graph, (example,), check_trace=False)
-                traced.save(str(path))
+                buffer = io.BytesIO()  # torch's C++ file writer aborts the process on a full disk
+                torch.jit.save(traced, buffer)
+            _write_bytes(buffer, path)
         else:
             with torch.no_grad():
                 program = torch.export.export(graph, (example,), dynamic_shapes=dynamic)
-            torch.export.save(program, str(path))
+            buffer = io.BytesIO()
+            torch.export.save(program, buffer)
+            _write_bytes(buffer, path)
+
+
+def _write_bytes(buffer: "io.BytesIO", path: Path) -> None:
+    """Write a serialised file through Python's I/O, where a full disk is an OSError, not an abort."""
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
@@ -242,7 +256,8 @@ def export(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], path: Path, f
             reference = network(example).fusion
     graph = ExportGraph(network, outputs, precision)  # casts the network to `precision`
     # same suffix as the final name: torch.export.save insists on .pt2
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    remove_stale_temporaries(path.parent)  # of an export killed before it could remove its own
+    tmp = temp_path(path)
     try:
         _write(graph, example, fmt, tmp, opset, dynamic_batch, dynamic_size)
         result = verify(tmp, fmt, reference, example, outputs, precision) if verify_file else None

@@ -57,3 +57,45 @@ def interruptible(body, argv, flags=None) -> int:
         except KeyboardInterrupt:
             print("interrupted before any input was processed", file=sys.stderr)
             return EXIT_INTERRUPTED
+
+
+def exit_with(main) -> None:
+    """A command's process entry point: sys.exit(main()), where a stop signal arriving once main's
+    outcome is decided (its manifest written, its handlers restored) cannot turn it into a death by
+    signal (exit -2 / 143): the outcome stands, and a signal before any outcome is exit 130."""
+    import signal
+
+    from schp.errors import EXIT_INTERRUPTED
+    from schp.runs.loop import handled_signals, raise_keyboard_interrupt
+
+    for s in handled_signals((signal.SIGTERM, signal.SIGHUP)):  # from the first line, as Ctrl-C
+        signal.signal(s, raise_keyboard_interrupt)
+    code = None
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        while True:  # until every stop signal is ignored; one landing meanwhile changes nothing
+            try:
+                for s in handled_signals():
+                    signal.signal(s, signal.SIG_IGN)
+                break
+            except KeyboardInterrupt:
+                continue
+    sys.exit(EXIT_INTERRUPTED if code is None else code)
+
+
+def _entry(module: str):
+    """A console script (pyproject.toml) that starts `module`'s main through exit_with, as the checkout's
+    scripts do."""
+    def run() -> None:
+        import importlib
+        exit_with(importlib.import_module(module).main)
+    return run
+
+
+extract = _entry("schp.commands.extract")
+multi_person = _entry("schp.commands.multi_person")
+evaluate = _entry("schp.commands.evaluate")
+export = _entry("schp.commands.export")

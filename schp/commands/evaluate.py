@@ -120,6 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         spec = choose_spec(args)
+        from schp.runs.extract import check_summary
+        check_summary(args.summary)  # a file in the way is a set-up error, as in every command
         if args.batch_size < 1:
             raise SetupError("--batch-size must be >= 1")
         if not id_file(data_dir, args.split).is_file():
@@ -146,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             tta={"flip": args.flip, "scales": list(scales)},
                             legacy_int_centers=not args.float_centers)
     except SetupError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {options.flag_message(err)}", file=sys.stderr)
         return EXIT_SETUP
 
     try:

@@ -74,6 +74,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: --max-pixels must be >= 0", file=sys.stderr)
         return EXIT_SETUP
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
+    from schp.commands import options
+    from schp.errors import SetupError
+    from schp.runs.extract import check_summary
+    try:
+        check_summary(args.summary)  # a file in the way is a set-up error, as in every command
+    except SetupError as err:
+        print(f"error: {options.flag_message(err)}", file=sys.stderr)
+        return EXIT_SETUP
     parsed_ok = True
     if args.run_multi_person:
         code = run_multi_person(args)

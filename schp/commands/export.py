@@ -8,6 +8,7 @@ PyTorch; a mismatch above tolerance removes it. Exit codes: 0 written and verifi
 verify (nothing written), 2 usage or set-up error, 130 interrupted.
 """
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Optional, Sequence
 
 from schp.choices import DEFAULT_OPSET, FORMATS, OUTPUTS
 from schp.commands import options
-from schp.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SCHPError
+from schp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SCHPError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,18 @@ def load_state(args, spec):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Ctrl-C, SIGTERM and SIGHUP end the export with 130, its temporary removed (as every command)."""
+    from schp.runs.loop import stop_signals_as_interrupt
+
+    with stop_signals_as_interrupt():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:
+            print("interrupted; nothing was written", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
     except SystemExit as stop:  # --help, --version, a usage error: its exit code, for callers of main()
@@ -83,9 +96,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SCHPError as err:  # a missing runtime package is a set-up error (2); a file that does not verify, 1
         print(f"error: {options.flag_message(err)}", file=sys.stderr)
         return err.exit_code
-    except OSError as err:  # unwritable folder, disk full: the temporary is already removed
+    except OSError as err:  # unwritable folder (2), disk full (1): the temporary is already removed
         print(f"error: cannot write {output}: {err.strerror or err}", file=sys.stderr)
-        return EXIT_SETUP
+        return EXIT_FAILED if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else EXIT_SETUP
     if result is not None:
         print(result.line())
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f} s",

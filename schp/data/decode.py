@@ -11,6 +11,7 @@ import stat
 import struct
 import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -24,6 +25,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 200_000_000
 # OpenCV's warps assert on a side >= SHRT_MAX (32767), for the source and for the destination.
 MAX_SIDE = 32766
+# The header is looked for in the first bytes (PNG, and every format Pillow sniffs); JPEG is walked.
+HEADER_BYTES = 1 << 16
+# No image file within the pixel limit is larger than this many bytes a pixel (16-bit RGBA is 8), plus
+# 64 MiB of metadata or appended data (a motion photo's video): anything larger is refused unread.
+MAX_BYTES_PER_PIXEL = 8
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Start-of-frame markers (they carry the image size): C0-CF except DHT (C4), JPG (C8), DAC (CC).
 JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -116,6 +122,99 @@ def header_size(data: bytes) -> Optional[Tuple[int, int]]:
             Image.MAX_IMAGE_PIXELS = limit
 
 
+def _jpeg_file_size(f) -> Optional[Tuple[int, int]]:
+    """(width, height) of the first start-of-frame of a JPEG file open at offset 2, by seeking from
+    segment to segment (a large EXIF block or ICC profile before it is skipped, not read)."""
+    while True:
+        byte = f.read(1)
+        while byte and byte != b"\xff":
+            byte = f.read(1)
+        while byte == b"\xff":
+            byte = f.read(1)
+        if not byte:
+            return None
+        marker = byte[0]
+        if marker in (0xD9, 0xDA):  # end of image, or the scan data: no frame header before it
+            return None
+        if marker in JPEG_RST or marker in (0x01, 0xD8):
+            continue
+        head = f.read(2)
+        if len(head) < 2:
+            return None
+        length = (head[0] << 8) | head[1]
+        if length < 2:
+            return None
+        if marker in JPEG_SOF:
+            body = f.read(5)
+            if len(body) < 5:
+                return None
+            height, width = struct.unpack(">HH", body[1:5])
+            return (width, height) if width and height else None
+        f.seek(length - 2, os.SEEK_CUR)
+
+
+def file_header_size(path: Path) -> Optional[Tuple[int, int]]:
+    """(width, height) an image file declares, read from its header alone (never the whole file);
+    None if unknown. PNG: IHDR; JPEG: the first start-of-frame; others: Pillow's lazy open."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+        if head[:8] == PNG_SIGNATURE:
+            return header_size(head[:32])
+        if head[:2] == b"\xff\xd8":
+            f.seek(2)
+            return _jpeg_file_size(f)
+    from PIL import Image
+    with _PIL_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(path) as image:  # lazy: reads the header only
+                    return image.size
+        except Exception:
+            return None
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def check_image_file(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Optional[Tuple[int, int]]:
+    """The size check every reader of an image, label or mask file applies before reading its pixels:
+    ImageError if its header declares too many pixels (`max_pixels`; None or 0: no pixel limit) or a
+    side beyond OpenCV's warp, or if the file is larger than any image of that limit could be (so a
+    huge file is never read whole). Returns the declared (width, height), or None if unknown."""
+    path = Path(path)
+    try:
+        bytes_ = path.stat().st_size
+        size = file_header_size(path)
+    except OSError as err:
+        raise ImageError(f"cannot read: {err.strerror or err}") from None
+    problem = size and size_problem(*size, max_pixels)
+    if problem:
+        raise ImageError(problem)
+    if max_pixels and bytes_ > MAX_BYTES_PER_PIXEL * max_pixels + (64 << 20):
+        raise ImageError(f"file of {bytes_ / 2**30:.1f} GiB is larger than any image within --max-pixels "
+                         f"{max_pixels} can be; raise it to parse this file")
+    return size
+
+
+@contextmanager
+def open_checked(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
+    """A PIL image of a label or mask file, after the header-first size check; ImageError with the
+    reason for anything Pillow refuses (its own bomb limit included), never its traceback."""
+    from PIL import Image
+    check_image_file(path, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"refused by Pillow's size limit ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"not a readable image ({err})") from None
+    with image:
+        yield image
+
+
 def size_problem(width: int, height: int, max_pixels: Optional[int]) -> Optional[str]:
     """Why an image of this size is refused, or None."""
     if max_pixels and width * height > max_pixels:
@@ -127,11 +226,11 @@ def size_problem(width: int, height: int, max_pixels: Optional[int]) -> Optional
     return None
 
 
-def read_image(path: Path, max_pixels: Optional[int] = None) -> np.ndarray:
+def read_image(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """H x W x 3 uint8 BGR pixels of an image file, or ImageError with the reason.
 
-    With `max_pixels`, an image declaring more pixels is refused before it is decoded; an image with
-    a side beyond OpenCV's warp limit is always refused.
+    An image declaring more than `max_pixels` pixels (None or 0: no limit) is refused from its header,
+    before the file is read; an image with a side beyond OpenCV's warp limit is always refused.
     """
     path = Path(path)
     if path.is_symlink() and not path.exists():
@@ -145,6 +244,8 @@ def read_image(path: Path, max_pixels: Optional[int] = None) -> np.ndarray:
         mode = path.stat().st_mode
         if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):  # /dev/zero would never end
             raise ImageError("not a regular file (a device or a socket)")
+        if mode and stat.S_ISREG(mode):
+            check_image_file(path, max_pixels)  # header first: a huge file is refused unread
         data = path.read_bytes()
     except OSError as err:
         raise ImageError(f"cannot read: {err.strerror or err}") from None

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
-from PIL import Image
+
+from schp.data.decode import DEFAULT_MAX_PIXELS, ImageError, open_checked
 
 from schp.errors import SetupError
 
@@ -65,13 +66,16 @@ def list_samples(root: Path, split: str, image_ext: str = ".jpg",
             for i in read_ids(root, split)]
 
 
-def read_label(path: Path) -> np.ndarray:
-    """H x W uint8 class indices of a label PNG ('L' or 'P' mode), or ValueError with the reason."""
+def read_label(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """H x W uint8 class indices of a label PNG ('L' or 'P' mode), or ValueError with the reason.
+
+    The header is checked first, as for images (`max_pixels`), so a label too large to hold is one
+    refused file."""
     path = Path(path)
     if not path.exists():
         raise ValueError("no such label file")
     try:
-        with Image.open(path) as image:
+        with open_checked(path, max_pixels) as image:
             mode = image.mode
             if mode in ("L", "P"):
                 return np.array(image, dtype=np.uint8)
@@ -80,6 +84,8 @@ def read_label(path: Path) -> np.ndarray:
                 if values.size and (values.min() < 0 or values.max() > 255):
                     raise ValueError(f"16-bit label with values outside 0..255 (max {values.max()})")
                 return values.astype(np.uint8)
+    except ImageError as err:
+        raise ValueError(str(err)) from None
     except (OSError, SyntaxError) as err:
         raise ValueError(f"not a readable PNG ({err})") from None
     raise ValueError(f"label PNG is {mode}, not class indices: save labels as 8-bit grey or palette PNGs")

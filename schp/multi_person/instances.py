@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
 
+from schp.data.decode import ImageError, open_checked
 from schp.errors import SCHPError, SetupError
 
 PERSON_COCO_LABEL = 1  # torchvision's COCO category id of "person"
@@ -42,7 +42,14 @@ class Instance:
 
 
 def sort_by_score(instances: List[Instance]) -> List[Instance]:
-    """Highest score first; equal scores keep their order."""
+    """Highest score first; equal scores keep their order. A detection whose score, box or mask is not
+    finite is refused (InstanceError naming it): NaN would reorder the others and inf reach outputs."""
+    for k, inst in enumerate(instances):
+        mask = np.asarray(inst.mask)
+        if not (all(math.isfinite(float(v)) for v in (inst.score, *inst.box))
+                and (mask.dtype == bool or np.isfinite(mask).all())):
+            raise InstanceError(f"detection {k + 1} has a score, box or mask that is not a finite number "
+                                f"(score {inst.score}, box {tuple(inst.box)})")
     return sorted(instances, key=lambda inst: -inst.score)
 
 
@@ -58,11 +65,11 @@ def mask_box(mask: np.ndarray) -> Tuple[float, float, float, float]:
 def read_instance_png(path: Path) -> np.ndarray:
     """H x W int32 person ids (0 = nobody) of an 8- or 16-bit grey or palette PNG."""
     try:
-        with Image.open(path) as image:
+        with open_checked(path) as image:  # the header-first size check of every reader
             mode = image.mode
             if mode in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
                 return np.array(image).astype(np.int32)
-    except (OSError, SyntaxError) as err:
+    except (OSError, SyntaxError, ImageError) as err:
         raise InstanceError(f"instance mask {path}: not a readable image ({err})") from None
     raise InstanceError(f"instance mask {path} is {mode}, not person ids: save it as an 8-bit grey or palette "
                         "PNG (0 = nobody, 1..K = persons)")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from schp.data.decode import ImageError, read_image
-from schp.errors import SCHPError, SetupError
+from schp.errors import SetupError
 from schp.multi_person.instances import InstanceError
 from schp.multi_person.video import MultiPersonVideoJob, VideoTask, detection_names, plan_videos
 from schp.multi_person.nms import EXPAND_RATIO, MAX_PERSONS, OVERLAP_THRESHOLD, SCORE_THRESHOLD, select_people
@@ -306,7 +306,7 @@ class MultiPersonRun:
             if any(t.plan(o.overwrite) == "process" for t in self.tasks):  # else: no model, no detector
                 source = make_source(o, detection_names(self.tasks), device)
                 parsers, checkpoints = load_parsers(o, device)
-        except (SCHPError, KeyboardInterrupt):
+        except BaseException:  # any failed set-up leaves no folder it made
             remove_empty(made)
             raise
         cv2.setNumThreads(1)
@@ -340,6 +340,8 @@ def prepare_multi_person(input_dir: PathLike, output_dir: PathLike, **options) -
         raise SetupError("{every} must be >= 1, {track_window} >= 0 and 0 < {track_iou} <= 1",
                          mentions={"every": ..., "track_window": ..., "track_iou": ...})
     tasks, others = plan_images(input_dir, output_dir, o.overlay)
+    from schp.runs.extract import check_summary
+    check_summary(o.summary)
     videos, others = plan_videos(input_dir, output_dir, [p.relative_to(input_dir) for p in others], o.sequences,
                                  o.overlay, o.every)
     tasks += videos

@@ -119,6 +119,20 @@ def check_output_dir(output_dir: Optional[PathLike]) -> None:
                          mentions={"output_dir": str(out)})
 
 
+def check_summary(summary: Optional[PathLike]) -> None:
+    """A manifest path that can be written: checked with the output folders, before any work, so that
+    a file in the way is the same set-up error (exit 2) in every command, not a failure at the end."""
+    if not summary:
+        return
+    path = Path(summary)
+    if path.is_dir():
+        raise SetupError("cannot write {summary}: it is a folder", mentions={"summary": str(path)})
+    blocker = next((q for q in path.parents if q.exists() or q.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise SetupError(f"cannot write {{summary}}: not a folder ({blocker} is a file)",
+                         mentions={"summary": str(path)})
+
+
 def plan_folder(input_dir: PathLike, output_dir: PathLike, options: ExtractOptions) -> Plan:
     from schp.data.listing import list_images
     from schp.runs.tasks import ImageTask, is_video_name, video_task
@@ -406,6 +420,7 @@ def prepare_extraction(input_dir: Optional[PathLike] = None, output_dir: Optiona
     from schp.data.label_map import resolve_label_map
     label_map = resolve_label_map(o.label_map, spec.labels)
     check_output_dir(output_dir)
+    check_summary(o.summary)
     ranks = torchrun_ranks()
     if integratedpifu_dir is not None:
         plan = plan_integratedpifu(integratedpifu_dir, output_dir, o, spec)

@@ -22,13 +22,13 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from schp.data.crop import Prepared, SimpleFolderDataset, collate_prepared, prepare_image
-from schp.data.decode import DEFAULT_MAX_PIXELS, read_image
+from schp.data.decode import DEFAULT_MAX_PIXELS, read_image, size_problem
 from schp.data.label_map import LabelMap
 from schp.errors import SCHPError
 from schp.inference import HumanParser
 from schp.runs.loop import Job, Unit
 from schp.runs.tasks import ImageTask, VideoTask
-from schp.runs.workers import start_workers, stop_workers, worker_init
+from schp.runs.workers import LostInput, stop_workers, surviving_workers, worker_init
 from schp.utils.outputs import (atomic_path, blend_overlay, colorize_bgr, integratedpifu_codes, npy_memmap,
                                 save_label_png, save_npy, save_overlay)
 
@@ -49,7 +49,12 @@ def open_video(path: Path):
         raise VideoError("cannot read: no such file")
     if path.stat().st_size == 0:
         raise VideoError("empty file (0 bytes)")
-    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # our line says it, not its WARN
+    try:
+        capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    finally:
+        cv2.utils.logging.setLogLevel(level)
     if not capture.isOpened():
         raise VideoError("cannot be opened as a video (damaged, truncated, or a codec OpenCV lacks)")
     return capture
@@ -117,16 +122,23 @@ class ParseJob(Job):
         self._tasks = tasks
         images = [(k, t) for k, t in enumerate(tasks) if not isinstance(t, VideoTask)]
         if images:
-            loader = DataLoader(SimpleFolderDataset([t.source for _, t in images], self.parser.spec.input_size,
-                                                    self.max_pixels),
-                                batch_size=self.batch_size, num_workers=self.num_workers,
-                                collate_fn=collate_prepared, worker_init_fn=worker_init,
-                                prefetch_factor=2 if self.num_workers else None)
-            self._batches = start_workers(loader)
-            for items in self._batches:
-                for item in items:
-                    yield Unit(images[item.index][0], item, item.error, item.width, item.height)
-            self.stop()
+            def loader(positions):
+                return DataLoader(SimpleFolderDataset([images[p][1].source for p in positions],
+                                                      self.parser.spec.input_size, self.max_pixels),
+                                  batch_size=self.batch_size, num_workers=self.num_workers,
+                                  collate_fn=collate_prepared, worker_init_fn=worker_init,
+                                  prefetch_factor=2 if self.num_workers else None)
+
+            def started(batches):
+                self._batches = batches
+
+            for position, item in surviving_workers(loader, len(images), started):  # a dead worker: one input
+                if isinstance(item, LostInput):
+                    yield Unit(images[position][0], None, item.reason)
+                else:
+                    yield Unit(images[position][0], item, item.error, item.width, item.height)
+            if self.stop():  # a stop signal held during the workers' shutdown is the run's, not lost
+                raise KeyboardInterrupt
         for k, task in enumerate(tasks):
             if isinstance(task, VideoTask):
                 yield from self._frames(k, task)
@@ -139,6 +151,9 @@ class ParseJob(Job):
             return
         bar = None
         try:
+            problem = size_problem(int(capture.get(3)), int(capture.get(4)), self.max_pixels)  # before a frame
+            if problem:
+                raise VideoError(f"frames of {problem}")
             count = int(capture.get(7))  # CAP_PROP_FRAME_COUNT: from the container, 0 or less if unknown
             fps = capture.get(5) or DEFAULT_FPS  # CAP_PROP_FPS
             if not np.isfinite(fps) or fps <= 0:
@@ -246,6 +261,10 @@ class ParseJob(Job):
         else:
             failure = VideoError("not finished")
             video.stack.__exit__(VideoError, failure, None)
+            try:  # a frames folder this video made and left empty goes too (a set-up, not an output)
+                task.frames.rmdir()
+            except OSError:
+                pass
 
 
 def write_image(task: ImageTask, item: Prepared, parser: HumanParser, work: Dict[str, Any],
@@ -263,6 +282,6 @@ def write_image(task: ImageTask, item: Prepared, parser: HumanParser, work: Dict
         save_npy(integratedpifu_codes(labels), task.codes)
     shown = label_map.apply(labels) if label_map is not None else labels
     if task.overlay is not None:
-        save_overlay(read_image(task.source), shown, palette, task.overlay)
+        save_overlay(read_image(task.source, None), shown, palette, task.overlay)  # its size was checked
     if task.png is not None:
         save_label_png(shown, palette, task.png)
