@@ -203,7 +203,7 @@ class MultiPersonVideoJob(Job):
         """(frame index, output stem, frame name, BGR pixels) of every `every`th frame; the reason a
         video file stopped early goes to state.extra['reason']."""
         from schp.data.decode import read_image
-        from schp.runs.parsing import DEFAULT_FPS, VideoError, open_video
+        from schp.runs.parsing import DEFAULT_FPS, EveryNthFrame, VideoError, open_video
 
         if task.frame_files is not None:
             state.extra["fps"] = DEFAULT_FPS / task.every
@@ -220,19 +220,11 @@ class MultiPersonVideoJob(Job):
             count = int(capture.get(7))  # CAP_PROP_FRAME_COUNT: from the container, 0 or less if unknown
             fps = capture.get(5)  # CAP_PROP_FPS
             state.extra["fps"] = (fps if np.isfinite(fps) and fps > 0 else DEFAULT_FPS) / task.every
-            index = 0
-            while True:
-                if index % task.every:
-                    if not capture.grab():
-                        break
-                    index += 1
-                    continue
-                ok, pixels = capture.read()
-                if not ok:
-                    break
+            frames = EveryNthFrame(capture, task.every)
+            for index, pixels in frames:
                 stem = f"frame_{index:06d}"
                 yield index, stem, stem + ".png", pixels
-                index += 1
+            index = frames.count
             if index == 0:
                 state.extra["reason"] = "no frame could be decoded (damaged file, or a codec OpenCV lacks)"
             elif count > 0 and count - index > 1:  # a stated count may be one off when estimated

@@ -60,6 +60,27 @@ def open_video(path: Path):
     return capture
 
 
+class EveryNthFrame:
+    """(index, pixels) of every `every`th frame of a capture, the others skipped undecoded (grab);
+    `count` is then the number of frames the file gave, for the truncation check."""
+
+    def __init__(self, capture, every: int):
+        self.capture, self.every, self.count = capture, every, 0
+
+    def __iter__(self):
+        while True:
+            if self.count % self.every:
+                if not self.capture.grab():
+                    return
+                self.count += 1
+                continue
+            ok, pixels = self.capture.read()
+            if not ok:
+                return
+            yield self.count, pixels
+            self.count += 1
+
+
 def _open_writer(path: Path, fps: float, size: Tuple[int, int]):
     import cv2
 
@@ -162,16 +183,9 @@ class ParseJob(Job):
                 bar = self.reporter.bar(total=(count + task.every - 1) // task.every if count > 0 else None,
                                         unit="frame", desc=task.name, leave=False)
             video = self._videos[id(task)] = _OpenVideo()
-            index = width = height = 0
-            while True:
-                if index % task.every:
-                    if not capture.grab():
-                        break
-                    index += 1
-                    continue
-                ok, pixels = capture.read()
-                if not ok:
-                    break
+            width = height = 0
+            frames = EveryNthFrame(capture, task.every)
+            for index, pixels in frames:
                 if not video.writers:
                     height, width = pixels.shape[:2]
                     self._open_writers(task, video, fps / task.every, (width, height))
@@ -180,7 +194,7 @@ class ParseJob(Job):
                 if bar is not None:
                     bar.update(1)
                 yield Unit(k, Frame(index, pixels, item), None, width, height, last=False, compute=not done)
-                index += 1
+            index = frames.count
             reason = None
             if not video.writers:
                 reason = "no frame could be decoded (damaged file, or a codec OpenCV lacks)"
