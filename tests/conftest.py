@@ -120,3 +120,21 @@ def wait_until(predicate, timeout: float = 120.0, step: float = 0.01) -> bool:
             return True
         time.sleep(step)
     return False
+
+
+def cihp_checkpoints(folder: Path, background_drop: float):
+    """(global, local) synthetic CIHP checkpoints made like the LIP one (same 20-class layout): the global
+    one in the released container ({'state_dict'}; zip format, so no per-test conversion), the local one
+    as the multi-person evaluator loads them (a bare state dict) with shifted classifier biases so the
+    two models differ. The background bias is lowered by `background_drop` in both: the fusion takes the
+    smallest crop background logit, and without it the synthetic models would leave the persons all
+    background."""
+    import torch
+    ckpt = synthetic_checkpoint("lip", 0)
+    bias = ckpt["state_dict"]["module.fushion.3.bias"]
+    bias[0] -= background_drop
+    save_checkpoint(ckpt, folder / "global.pth", legacy=False)
+    local = dict(ckpt["state_dict"])
+    local["module.fushion.3.bias"] = bias + torch.linspace(-0.3, 0.3, 20)
+    torch.save(local, folder / "local.pth")
+    return folder / "global.pth", folder / "local.pth"

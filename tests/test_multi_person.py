@@ -15,6 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_util  # noqa: E402
 
 from schp.commands import multi_person  # noqa: E402
+from conftest import cihp_checkpoints  # noqa: E402
 import multi_person_original as released  # noqa: E402
 import original_pipeline  # noqa: E402
 from schp.multi_person import fusion  # noqa: E402
@@ -31,22 +32,8 @@ original_pipeline.DATASETS["cihp96"] = ([SIZE, SIZE], 20)  # the oracle at the s
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def cihp(tmp_path_factory):
-    """(global, local) synthetic CIHP checkpoints made like the LIP one (same 20-class layout): the global
-    one in the released container ({'state_dict'}; zip format, so no per-test conversion), the local one
-    as the multi-person evaluator loads them (a bare state dict) with shifted classifier biases so the
-    two models differ. The background bias is lowered by 6 in both: the fusion takes the smallest crop
-    background logit, and without it the synthetic models would leave the persons all background."""
-    sys.path.insert(0, str(DATA))
-    from synth_checkpoint import save_checkpoint, synthetic_checkpoint
-    folder = tmp_path_factory.mktemp("cihp")
-    ckpt = synthetic_checkpoint("lip", 0)
-    bias = ckpt["state_dict"]["module.fushion.3.bias"]
-    bias[0] -= 6.0
-    save_checkpoint(ckpt, folder / "global.pth", legacy=False)
-    local = dict(ckpt["state_dict"])
-    local["module.fushion.3.bias"] = bias + torch.linspace(-0.3, 0.3, 20)
-    torch.save(local, folder / "local.pth")
-    return folder / "global.pth", folder / "local.pth"
+    """Synthetic CIHP checkpoints (conftest.cihp_checkpoints), the background bias lowered by 6."""
+    return cihp_checkpoints(tmp_path_factory.mktemp("cihp"), 6.0)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ evaluator's identity switches against the ground-truth person ids; frame maps eq
 maps; the VIP submission layout; a truncated video; the resume. Small frames, input size 32."""
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import cv2
@@ -14,6 +13,7 @@ import torch
 from PIL import Image
 
 import multi_person
+from conftest import cihp_checkpoints
 from schp.multi_person.evaluation import evaluate_multi_person
 from schp.multi_person.tracking import IdentityTracker, linear_assignment, mask_ious
 
@@ -118,20 +118,10 @@ def write_source_masks(folder: Path, stem: str, frame: int, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def cihp(tmp_path_factory):
-    """(global, local) synthetic CIHP checkpoints, made as tests/test_multi_person.py makes them, with
-    the background bias lowered by 30 instead of 6: inside the crop boxes no pixel is background, so
-    the person maps follow the source's masks and the evaluator can match them to the true persons."""
-    sys.path.insert(0, str(DATA))
-    from synth_checkpoint import save_checkpoint, synthetic_checkpoint
-    folder = tmp_path_factory.mktemp("cihp")
-    ckpt = synthetic_checkpoint("lip", 0)
-    bias = ckpt["state_dict"]["module.fushion.3.bias"]
-    bias[0] -= 30.0
-    save_checkpoint(ckpt, folder / "global.pth", legacy=False)
-    local = dict(ckpt["state_dict"])
-    local["module.fushion.3.bias"] = bias + torch.linspace(-0.3, 0.3, 20)
-    torch.save(local, folder / "local.pth")
-    return folder / "global.pth", folder / "local.pth"
+    """Synthetic CIHP checkpoints (conftest.cihp_checkpoints) with the background bias lowered by 30
+    instead of 6: inside the crop boxes no pixel is background, so the person maps follow the source's
+    masks and the evaluator can match them to the true persons."""
+    return cihp_checkpoints(tmp_path_factory.mktemp("cihp"), 30.0)
 
 
 @pytest.fixture(scope="module")
