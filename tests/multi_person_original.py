@@ -185,7 +185,9 @@ def get_instance(cat_gt, panoptic_seg_mask):
             break
     ori_cur_labels = np.unique(instance_gt)
     total_num_label = len(ori_cur_labels)
-    if instance_gt.max() + 1 != total_num_label:
+    with np.errstate(over="ignore"):  # the original's uint8 max() + 1 wraps at 255 parts, as it did there
+        relabel = instance_gt.max() + 1 != total_num_label
+    if relabel:
         for label in range(1, total_num_label):
             instance_gt[instance_gt == ori_cur_labels[label]] = label
     final_class_map = {}

@@ -234,29 +234,41 @@ def test_the_api_applies_the_command_lines_size_rules(checkpoints):
 
 
 # ----------------------------------------------------------------------------- item 8: a held stop signal
-def test_a_stop_signal_during_the_workers_shutdown_is_not_lost(tmp_path, checkpoints, monkeypatch):
-    import schp.runs.workers as workers
-    from schp.runs.extract import parse_folder
+SHUTDOWN_SIGNAL = """
+import json, os, signal, sys
+from pathlib import Path
+import schp.runs.workers as workers
+from schp.runs.extract import parse_folder
+photos, out, checkpoint = map(Path, sys.argv[1:4])
+real, sent = workers.stop_workers, []
 
+def stop_with_a_signal(batches):  # the signal lands while the workers are being shut down
+    shutdown = batches._shutdown_workers
+
+    def late():  # once: torch calls it again when the iterator is collected
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGINT))
+        shutdown()
+    batches._shutdown_workers = late
+    return real(batches)
+
+workers.stop_workers = stop_with_a_signal
+report = parse_folder(photos, out, dataset="lip", checkpoint=checkpoint, device="cpu", num_workers=1,
+                      backend="torch", summary=out.parent / "run.json")
+print(json.dumps({"interrupted": report.interrupted, "code": report.exit_code()}))
+"""
+
+
+def test_a_stop_signal_during_the_workers_shutdown_is_not_lost(tmp_path, checkpoints):
+    """In a fresh interpreter (the signal state of earlier in-process tests must not matter)."""
     photos = tmp_path / "photos"
     photos.mkdir()
     write_image(photos / "0.jpg")
-    real, sent = workers.stop_workers, []
-
-    def stop_with_a_signal(batches):  # the signal lands while the workers are being shut down
-        shutdown = batches._shutdown_workers
-
-        def late():  # once: torch calls it again when the iterator is collected
-            if not sent:
-                sent.append(os.kill(os.getpid(), signal.SIGINT))
-            shutdown()
-        batches._shutdown_workers = late
-        return real(batches)
-
-    monkeypatch.setattr(workers, "stop_workers", stop_with_a_signal)
-    report = parse_folder(photos, tmp_path / "out", dataset="lip", checkpoint=checkpoints("lip"), device="cpu",
-                          num_workers=1, backend="torch", summary=tmp_path / "run.json")
-    assert report.interrupted and report.exit_code() == 130
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r)\n" % str(ROOT) + SHUTDOWN_SIGNAL,
+                           str(photos), str(tmp_path / "out"), str(checkpoints("lip"))],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, SCHP_BACKEND="torch"))
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["interrupted"] and report["code"] == 130, done.stderr
     assert json.loads((tmp_path / "run.json").read_text())["interrupted"] is True
 
 
