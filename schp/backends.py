@@ -19,6 +19,7 @@ import numpy as np
 from schp.choices import BACKENDS, DEFAULT_BACKEND  # noqa: F401  (re-exported)
 from schp.data.catalog import DatasetSpec
 from schp.errors import ParameterError, SCHPWarning
+from schp.utils.cpu import native_bf16
 
 if TYPE_CHECKING:  # torch is imported where it is used: `--help` and `--legend` stay quick
     import torch
@@ -27,8 +28,16 @@ if TYPE_CHECKING:  # torch is imported where it is used: `--help` and `--legend`
 # operations), so that a cache filled by an older version is exported anew instead of reused.
 # 2: convolutions over upsampled maps computed at the maps' own size (networks.ce2p).
 GRAPH_REVISION = 2
-# "auto" picks the first installed one of these on the CPU; measured by benchmarks/throughput.py
-AUTO_ORDER = ("openvino", "onnxruntime", "torch")
+# "auto" on the CPU: the first installed one of these for the precision, fastest first as measured
+# end to end by benchmarks/throughput.py (docs/performance.md). ONNX Runtime has no bf16 convolution; bf16
+# is taken off torch only on CPUs with bf16 units (elsewhere OpenVINO would compute in fp32 anyway).
+AUTO_ORDER = {"fp32": ("openvino", "onnxruntime", "torch"), "bf16": ("openvino", "torch")}
+# "auto" exports an ONNX file that is not in the cache yet only for a job of at least this many forward
+# passes (crops x flips x scales; None = not known, e.g. a service: long): below it the one-time export
+# (about 30 s idle on 2 cores, 60 s loaded) costs more than the runtime saves (about 0.15 s per 512 x 512
+# forward in either precision), so torch runs it and the first map comes as early as torch's. Measured by
+# benchmarks/throughput.py --first-map, which prints the break-even of the machine it runs on.
+AUTO_EXPORT_MIN_FORWARDS = {"fp32": 200, "bf16": 200}
 PACKAGES = {"onnxruntime": ("onnxruntime", "onnxscript"), "openvino": ("openvino", "onnxscript")}
 log = logging.getLogger(__name__)
 
@@ -51,12 +60,18 @@ def missing_packages(backend: str):
     return missing
 
 
-def resolve_backend(name: str, device: torch.device, precision: str = "fp32") -> str:
-    """The concrete backend for `name` ('auto' or one of BACKENDS); BackendError if it cannot run here."""
+def resolve_backend(name: str, device: torch.device, precision: str = "fp32",
+                    flags: Optional[frozenset] = None) -> str:
+    """The concrete backend for `name` ('auto' or one of BACKENDS); BackendError if it cannot run here.
+
+    For 'auto' this is the fastest installed runtime for the device and precision (AUTO_ORDER; `flags`:
+    the CPU's, default this machine's), before the cache question of `network_runner`."""
     if name == "auto":
-        if device.type != "cpu" or precision not in ("fp32",):
+        if device.type != "cpu" or precision not in AUTO_ORDER:
             return "torch"
-        return next(b for b in AUTO_ORDER if b == "torch" or not missing_packages(b))
+        if precision == "bf16" and not native_bf16(flags):
+            return "torch"  # emulated bf16: the precision's own warning says fp32 is faster
+        return next(b for b in AUTO_ORDER[precision] if b == "torch" or not missing_packages(b))
     if name not in BACKENDS:
         raise BackendError(f"unknown (one of auto, {', '.join(BACKENDS)})", "backend", name)
     if name == "torch":
@@ -85,19 +100,29 @@ def state_dict_digest(state_dict: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:20]
 
 
-def cached_onnx(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_dir: Optional[Path],
-                quiet: bool = False) -> Path:
-    """The verified raw ONNX export (dynamic N, H, W) of this checkpoint, exported on first use."""
+def export_path(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_dir: Optional[Path]) -> Optional[Path]:
+    """Where the cache keeps this checkpoint's ONNX export (whether or not it is there yet); None when
+    the cache is disabled."""
     import torch
     from schp.checkpoint import default_cache_dir
-    from schp.export import DEFAULT_OPSET, ExportError, export
+    from schp.export import DEFAULT_OPSET
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if cache_dir is None:
-        raise BackendError("the checkpoint cache is disabled (SCHP_CACHE_DIR is empty)")
+        return None
     h, w = spec.input_size
-    path = cache_dir / "exports" / (f"{spec.name}-{h}x{w}-{state_dict_digest(state_dict)}-g{GRAPH_REVISION}"
+    return cache_dir / "exports" / (f"{spec.name}-{h}x{w}-{state_dict_digest(state_dict)}-g{GRAPH_REVISION}"
                                     f"-opset{DEFAULT_OPSET}-torch{torch.__version__.split('+')[0]}.onnx")
+
+
+def cached_onnx(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_dir: Optional[Path],
+                quiet: bool = False) -> Path:
+    """The verified raw ONNX export (dynamic N, H, W) of this checkpoint, exported on first use."""
+    from schp.export import DEFAULT_OPSET, ExportError, export
+
+    path = export_path(spec, state_dict, cache_dir)
+    if path is None:
+        raise BackendError("the checkpoint cache is disabled (SCHP_CACHE_DIR is empty)")
     if path.is_file():
         return path
     if not quiet:
@@ -170,14 +195,21 @@ class OpenVinoRunner:
 
 
 def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor],
-                   precision: str = "fp32", cache_dir: Optional[Path] = None, quiet: bool = False):
+                   precision: str = "fp32", cache_dir: Optional[Path] = None, quiet: bool = False,
+                   forwards: Optional[int] = None):
     """(backend name, runner or None for torch) for `--backend name`.
 
     An explicit backend that cannot run raises BackendError; 'auto' falls back to torch with a note.
+    'auto' also stays on torch when the runtime's file is not cached yet and the job is too short
+    (`forwards`, the forward passes it will make; None = unknown, taken as long) to repay exporting it.
     """
     backend = resolve_backend(name, device, precision)
     if backend == "torch":
         return backend, None
+    if name == "auto" and not export_repays(spec, state_dict, precision, cache_dir, forwards):
+        log.info("running the network with torch: %s forward passes repay no export for %s (from %d; "
+                 "--backend %s exports it)", forwards, backend, AUTO_EXPORT_MIN_FORWARDS[precision], backend)
+        return "torch", None
     try:
         return backend, make_runner(backend, spec, state_dict, precision, cache_dir, quiet)
     except BackendError as err:
@@ -186,6 +218,16 @@ def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dic
         warnings.warn(SCHPWarning(f"{backend} unusable ({err.reason if isinstance(err, BackendError) else err}); "
                                   "running the network with torch", "backend", name), stacklevel=2)
         return "torch", None
+
+
+def export_repays(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precision: str,
+                  cache_dir: Optional[Path], forwards: Optional[int]) -> bool:
+    """Whether 'auto' should use a runtime backend: its file is cached, or the job is long enough that
+    the one-time export costs less than the runtime saves."""
+    if forwards is None or forwards >= AUTO_EXPORT_MIN_FORWARDS.get(precision, 0):
+        return True
+    path = export_path(spec, state_dict, cache_dir)
+    return path is not None and path.is_file()
 
 
 def make_runner(backend: str, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precision: str = "fp32",

@@ -20,6 +20,7 @@ from schp.choices import DEVICES, PRECISIONS, parse_scales  # noqa: F401  (parse
 from schp.data.catalog import DatasetSpec
 from schp.errors import ParameterError, SCHPWarning
 from schp.networks import build_ce2p, fold_abn
+from schp.utils.cpu import BF16_CPU_FLAGS, cpu_flags  # noqa: F401  (re-exported)
 from schp.utils.transforms import MEAN_BGR, STD_BGR, output_to_input_map, row_bands, warp_argmax_torch, warp_channel_rows
 
 BAND_BYTES = 32 << 20  # inverse warp in row bands of at most this many bytes of float logits
@@ -66,23 +67,6 @@ def select_device(device: str, gpu: Optional[str] = None, cuda_count: Optional[i
     raise ParameterError(f"expected {DEVICES}", "device", device)
 
 
-# /proc/cpuinfo flags of CPUs whose bf16 arithmetic is native: AVX-512 BF16, AMX (x86); BF16 (Arm).
-BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[frozenset]:
-    """The CPU feature flags the kernel reports (x86 `flags`, Arm `Features`); None where unknown."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return None
-
-
 def slow_bf16_warning(device: torch.device, precision: str,
                       flags: Optional[frozenset] = None) -> Optional[SCHPWarning]:
     """The warning to give when bf16 is asked for on a CPU without bf16 units, where it is slower than fp32.
@@ -111,7 +95,7 @@ class HumanParser:
     def __init__(self, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], device: torch.device,
                  precision: str = "fp32", allow_tf32: bool = False,
                  postprocess_on_device: Optional[bool] = None, flip: bool = False,
-                 scales: Sequence[float] = (1.0,), backend: str = "torch"):
+                 scales: Sequence[float] = (1.0,), backend: str = "torch", expected_images: Optional[int] = None):
         if precision not in PRECISIONS:
             raise ParameterError(f"expected {', '.join(PRECISIONS)}", "precision", precision)
         scales = tuple(float(s) for s in scales)
@@ -132,7 +116,9 @@ class HumanParser:
         # backend: who runs the network (schp.backends); "torch" = self.model, others an exported file,
         # in which case no torch copy of the network is kept (it would only hold memory)
         from schp.backends import network_runner
-        self.backend, self.runner = network_runner(backend, device, spec, state_dict, precision)
+        # expected_images: how many images the job will parse (None: unknown), for auto's export choice
+        forwards = None if expected_images is None else expected_images * len(scales) * (2 if flip else 1)
+        self.backend, self.runner = network_runner(backend, device, spec, state_dict, precision, forwards=forwards)
         self.model = None
         if self.runner is None:
             with torch.device("meta"):  # skip the random init of 66.8 M values (0.27 s): all are loaded

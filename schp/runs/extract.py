@@ -313,7 +313,7 @@ class Extraction:
                 ensure_writable(folder, created)
             parser, checkpoint = None, None  # nothing to compute: no need to load the model
             if any(task.plan(o.overwrite) == "process" for task in self.plan.tasks):
-                parser, checkpoint = load_model(o, self.spec)
+                parser, checkpoint = load_model(o, self.spec, images_to_parse(self.plan.tasks, o.overwrite))
             if self.ranks:
                 start_ranks(self.ranks, o, parser)
         except (SCHPError, OSError, RuntimeError) as err:  # anything before the first input
@@ -384,14 +384,24 @@ def setup_message(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def load_model(options: ExtractOptions, spec):
+def images_to_parse(tasks, overwrite: bool) -> Optional[int]:
+    """How many images this run will parse (the length `--backend auto` weighs against a one-time
+    export); None when a video is among them (its frame count is not known before decoding)."""
+    from schp.runs.tasks import VideoTask
+
+    todo = [task for task in tasks if task.plan(overwrite) == "process"]
+    return None if any(isinstance(task, VideoTask) for task in todo) else len(todo)
+
+
+def load_model(options: ExtractOptions, spec, expected_images: Optional[int] = None):
     """(HumanParser, checkpoint path) through the one loading path of every front door."""
     from schp.api import load_parser
     from schp.errors import SCHPError
 
     try:
         return load_parser(spec, options.checkpoint, options.device, options.gpu, options.precision,
-                           options.allow_tf32, flip=options.flip, scales=options.scales, backend=options.backend)
+                           options.allow_tf32, flip=options.flip, scales=options.scales, backend=options.backend,
+                           expected_images=expected_images)
     except SCHPError:  # the checkpoint, or a device, precision or backend this machine lacks
         raise
     except ValueError as err:
