@@ -88,6 +88,8 @@ DEFAULT_CONFIGS = ["fp32 --batch-size 1 --num-workers 1 --backend torch",
                    "fp32 --batch-size 4 --num-workers 2 --backend openvino",
                    "bf16 --batch-size 4 --num-workers 2 --backend torch",
                    "bf16 --batch-size 1 --num-workers 1 --backend openvino"]
+LIMIT_CONFIGS = ["fp32 --backend torch", "fp32 --backend openvino", "fp32 --backend auto",
+                 "bf16 --backend torch --batch-size 4 --num-workers 2", "bf16 --backend openvino", "bf16 --backend auto"]
 POLL = 0.02  # s, output-folder polling period
 PSS_EVERY = 0.5  # s, process-tree memory sampling period
 GNU_TIME = "/usr/bin/time"
@@ -526,6 +528,230 @@ def agreement(dir_a, dir_b, names):
     return equal / total
 
 
+# ----------------------------------------------------------------------------- time to first map
+FIRST_MAP_RUNS = [("empty", "auto", 1), ("empty", "auto", 10), ("empty", "auto", 100), ("empty", "openvino", 1),
+                  ("warm", "torch", 1), ("warm", "torch", 10), ("warm", "auto", 1), ("warm", "auto", 10),
+                  ("warm", "auto", 100)]
+
+
+def first_map_study(a, work, checkpoint):
+    """Time to the first map and total time of jobs of 1, 10 and 100 images with an empty and a warm
+    cache, for the default --backend auto, against torch and against an explicit runtime on an empty
+    cache (what auto did before it weighed the export: export first). Each run is a fresh CLI process.
+
+    "empty" is an empty SCHP_CACHE_DIR (the checkpoint conversion and, for a runtime, the ONNX export
+    included); "warm" a cache filled beforehand (not timed). The 100-image jobs use smaller images
+    (--first-map-side; the network still runs on its full-size crop). Also prints this machine's
+    break-even job length, export seconds / seconds saved per image, which sets
+    schp.backends.AUTO_EXPORT_MIN_FORWARDS.
+    """
+    sys.path.insert(0, str(ROOT))
+    from schp.backends import AUTO_EXPORT_MIN_FORWARDS
+
+    runs = [r for r in FIRST_MAP_RUNS if r[2] in a.first_map_sizes]
+    sizes = sorted({n for _, _, n in runs})
+    folders = {}
+    for n in sizes:
+        folder = work / f"first-map-{n}"
+        folder.mkdir()
+        side = a.first_map_side if n > 10 else 1024
+        for i in range(n):
+            cv2.imwrite(str(folder / f"img_{i:03d}.png"), cv2.cvtColor(render_like_image(i, side), cv2.COLOR_RGB2BGR))
+        folders[n] = (folder, side)
+    logs = work / "logs-first-map"
+    logs.mkdir()
+    warm = work / "cache-warm"
+    print("filling the warm cache (1 image, --backend openvino; not timed) ...", flush=True)
+    run_cli("fill-warm", ["--backend", "openvino"], a.dataset, checkpoint, folders[sizes[0]][0], work / "out-fill",
+            warm, logs, sizes[0], 1, a.timeout)
+    records, by = [], {}
+    for k, (cache_kind, backend, n) in enumerate(runs):
+        folder, side = folders[n]
+        cache = work / f"cache-empty-{k}" if cache_kind == "empty" else warm
+        summary = work / f"first-map-{k}.json"
+        wait_idle(a.wait_idle, f"{backend} {n} images")
+        rec = run_cli(f"first-{cache_kind}-{backend}-{n}", ["--backend", backend, "--summary", str(summary)],
+                      a.dataset, checkpoint, folder, work / f"out-first-{k}", cache, logs, n, 1, a.timeout)
+        rec.update(cache=cache_kind, backend=backend, ran=json.loads(summary.read_text())["backend"], n=n, side=side)
+        by[cache_kind, backend, n] = rec
+        records.append({k: rec[k] for k in ("cache", "backend", "ran", "n", "side", "first_output_seconds",
+                                            "wall_seconds", "per_image", "other_load_cores")})
+        print(f"  {cache_kind:5s} cache, --backend {backend:8s} (ran {rec['ran']}), {n:3d} x {side}: first map "
+              f"{rec['first_output_seconds']:6.2f} s, total {rec['wall_seconds']:6.2f} s; other load "
+              f"{rec['other_load_cores']:.2f} cores", flush=True)
+    print("\ntime to first map / total, s (each a fresh process; " +
+          ", ".join(f"{n} x {folders[n][1]}x{folders[n][1]}" for n in sizes) + ")")
+    headers = ["cache", "--backend"] + [f"{n} img: 1st / total" for n in sizes] + ["ran"]
+    rows = []
+    for cache_kind, backend in dict.fromkeys((c, b) for c, b, _ in runs):
+        cells = [f"{by[cache_kind, backend, n]['first_output_seconds']:.1f} / {by[cache_kind, backend, n]['wall_seconds']:.1f}"
+                 if (cache_kind, backend, n) in by else "-" for n in sizes]
+        ran = sorted({by[cache_kind, backend, n]["ran"] for n in sizes if (cache_kind, backend, n) in by})
+        rows.append([cache_kind, backend] + cells + [",".join(ran)])
+    print_table(headers, rows)
+    result = {"first_map": records, "auto_export_min_forwards": AUTO_EXPORT_MIN_FORWARDS}
+    need = [("empty", "openvino", 1), ("warm", "auto", 1), ("empty", "auto", 1), ("warm", "torch", 1),
+            ("warm", "torch", 10), ("warm", "auto", 10)]
+    if all(key in by for key in need) and by["warm", "auto", 1]["ran"] != "torch":
+        export = ((by["empty", "openvino", 1]["wall_seconds"] - by["warm", "auto", 1]["wall_seconds"])
+                  - (by["empty", "auto", 1]["wall_seconds"] - by["warm", "torch", 1]["wall_seconds"]))
+        gain = by["warm", "torch", 10]["per_image"] - by["warm", "auto", 10]["per_image"]
+        breakeven = export / gain if gain > 0 else float("inf")
+        print(f"\none-time export (empty - warm with the runtime, less torch's empty - warm; 1 image): {export:.1f} s; "
+              f"saved per image by {by['warm', 'auto', 10]['ran']} over torch (10 images, warm, steady): {gain:.3f} s "
+              f"-> break-even {breakeven:.0f} images (auto exports from {AUTO_EXPORT_MIN_FORWARDS['fp32']} forward "
+              "passes)")
+        result.update(export_seconds=export, gain_per_image=gain, breakeven_images=breakeven)
+    return result
+
+
+# ----------------------------------------------------------------------------- limits and host path
+def conv_rate_512(dtype, seconds=3.0):
+    """Best-of GFLOP/s of a lone 3x3 512->512 convolution at 64x64, channels-last (oneDNN), in `dtype`."""
+    x = torch.randn(1, 512, 64, 64).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(512, 512, 3, 3) * 0.02).to(dtype).contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.nn.functional.conv2d(x, w, padding=1)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 5:
+            t0 = time.perf_counter()
+            torch.nn.functional.conv2d(x, w, padding=1)
+            times.append(time.perf_counter() - t0)
+    flop = 2.0 * 512 * 512 * 9 * 64 * 64
+    return {"best_gflops": flop / min(times) / 1e9, "median_gflops": flop / statistics.median(times) / 1e9}
+
+
+def host_path_costs(image_path, checkpoint, dataset, out_dir, repeats=5):
+    """Milliseconds of one core per image for each host step of the run: decode, crop, inverse warp with
+    argmax, PNG (PIL's default level 6, and level 1 for comparison); best of `repeats`."""
+    sys.path.insert(0, str(ROOT))
+    from schp.data.catalog import DATASETS
+    from schp.data.crop import prepare_image
+    from schp.data.decode import read_image
+    from schp.inference import labels_from_logits
+    from schp.utils.outputs import save_label_png
+    from schp.utils.palette import get_palette
+
+    cv2.setNumThreads(1)  # as the run does: torch owns the cores
+    spec = DATASETS[dataset]
+    palette = get_palette(spec.num_classes)
+    image = read_image(image_path)
+    item = prepare_image(0, image, spec.input_size)
+    rng = np.random.default_rng(0)
+    # smooth logits: a person-like layout of classes (noise would make the PNG and argmax unrealistic)
+    h, w = spec.input_size
+    small = rng.normal(0, 1, (h // 32, w // 32, spec.num_classes)).astype(np.float32)
+    logits = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    logits[..., 0] += 0.5 * (item.image.max(axis=2) < 10)  # background where the crop is black
+    labels = labels_from_logits(logits, item.center, item.scale, item.width, item.height, spec.input_size)
+    steps = {
+        "decode": lambda: read_image(image_path),
+        "crop": lambda: prepare_image(0, image, spec.input_size),
+        "inverse warp + argmax": lambda: labels_from_logits(logits, item.center, item.scale, item.width,
+                                                            item.height, spec.input_size),
+        "png (level 6, default)": lambda: save_label_png(labels, palette, out_dir / "host.png"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    costs = {}
+    for name, step in steps.items():
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - t0)
+        costs[name] = best * 1000
+    png = Image.fromarray(labels)
+    png.putpalette(palette)
+    for level in (1, 3, 6):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            png.save(out_dir / f"level{level}.png", format="PNG", compress_level=level)
+            best = min(best, time.perf_counter() - t0)
+        costs[f"png level {level} (PIL)"] = best * 1000
+        costs[f"png level {level} bytes"] = (out_dir / f"level{level}.png").stat().st_size
+    return costs
+
+
+def limits_study(a, work, checkpoint, images_dir, images, names):
+    """The issue's table in one run: the convolution limit (lone 3x3 512->512 conv rate in fp32 and bf16
+    times this graph's GFLOP), end-to-end s/image of --backend auto in fp32 and bf16 and of each backend
+    explicitly (so the auto choice is seen to be the fastest), the ratios to the limit, the host-path cost
+    per image, and bf16's pixel agreement with fp32."""
+    sys.path.insert(0, str(ROOT))
+    from schp.backends import resolve_backend
+    released_gflop, graph_gflop = network_gflop(a.dataset)
+    wait_idle(a.wait_idle, "the convolution rates")
+    snap, t0 = cpu_snapshot(), time.perf_counter()
+    conv = {"fp32": conv_rate_512(torch.float32), "bf16": conv_rate_512(torch.bfloat16)}
+    conv_load = other_load(snap, time.perf_counter() - t0)
+    limit = {p: graph_gflop / conv[p]["best_gflops"] for p in conv}
+    for p in conv:
+        print(f"lone 3x3 512->512 64x64 channels-last conv, {p}: best {conv[p]['best_gflops']:.0f} GFLOP/s "
+              f"(median {conv[p]['median_gflops']:.0f}) -> limit {graph_gflop:.1f} GFLOP / rate = "
+              f"{limit[p]:.3f} s per image", flush=True)
+    print(f"  (other processes used {conv_load:.2f} cores meanwhile)", flush=True)
+    auto = {p: resolve_backend("auto", torch.device("cpu"), p) for p in ("fp32", "bf16")}
+    print(f"auto with a cached export: fp32 -> {auto['fp32']}, bf16 -> {auto['bf16']}\n", flush=True)
+    cache, logs = work / "cache-limits", work / "logs-limits"
+    logs.mkdir()
+    print("filling the export cache (1 image, --backend openvino; not timed) ...", flush=True)
+    one = work / "one-limits"
+    one.mkdir()
+    shutil.copy2(images[0], one / images[0].name)
+    run_cli("fill", ["--backend", "openvino"], a.dataset, checkpoint, one, work / "out-fill-limits", cache, logs,
+            1, 1, a.timeout)
+    configs = a.limit_configs
+    records = {}
+    for text in configs:
+        args, precision, batch, backend = parse_config(text)
+        best = None
+        for attempt in range(a.limit_repeats):
+            wait_idle(a.wait_idle, text)
+            out = work / f"out-limits-{len(records)}-{attempt}"
+            summary = work / f"limits-{len(records)}-{attempt}.json"
+            rec = run_cli(text, args + ["--summary", str(summary)], a.dataset, checkpoint, images_dir, out, cache,
+                          logs, len(images), batch, a.timeout)
+            rec["out_dir"], rec["ran"] = out, json.loads(summary.read_text())["backend"]
+            print(f"  {text}: {rec['per_image']:.3f} s/image steady (other load {rec['other_load_cores']:.2f} cores)",
+                  flush=True)
+            if best is None or rec["per_image"] < best["per_image"]:
+                best = rec
+        best.update(precision=precision, backend=backend)
+        records[text] = best
+    fp32_ref = next((r for r in records.values() if r["precision"] == "fp32" and r["backend"] == "torch"),
+                    next(r for r in records.values() if r["precision"] == "fp32"))
+    host = host_path_costs(images[0], checkpoint, a.dataset, work / "host")
+    print("\n" + "=" * 100)
+    m = machine_info()
+    print(f"limits and end to end, {len(images)} x 1024x1024, {a.dataset}, {m['date']}; {m['cpu']} "
+          f"({' '.join(m['isa'])}), {m['usable_cores']} cores; repo {m['repo_commit']}")
+    print(f"conv limit = {graph_gflop:.1f} GFLOP (this graph) / lone 3x3 conv rate: fp32 {conv['fp32']['best_gflops']:.0f} "
+          f"GFLOP/s -> {limit['fp32']:.3f} s; bf16 {conv['bf16']['best_gflops']:.0f} GFLOP/s -> {limit['bf16']:.3f} s")
+    headers = ["config", "ran", "s/img", "x limit", "goal", "pixels = fp32 torch", "other load"]
+    rows = []
+    for text, r in records.items():
+        ran = r["ran"]
+        goal = "<= 1.10" if r["precision"] == "fp32" else "<= 1.5"
+        rows.append([text, ran, f"{r['per_image']:.3f}", f"{r['per_image'] / limit[r['precision']]:.2f}", goal,
+                     f"{100 * agreement(fp32_ref['out_dir'], r['out_dir'], names):.4f}%",
+                     f"{r['other_load_cores']:.2f}"])
+    print_table(headers, rows)
+    print("\nhost path per 1024x1024 image, ms of one core (best of 5):")
+    for name, value in host.items():
+        print(f"  {name:28s} {value:10.1f}" + (" bytes" if "bytes" in name else " ms"))
+    total = sum(v for k, v in host.items() if k in ("decode", "crop", "inverse warp + argmax", "png (level 6, default)"))
+    print(f"  {'sum of the run steps':28s} {total:10.1f} ms")
+    return {"conv_512_64": conv, "conv_other_load_cores": conv_load, "limit_seconds": limit, "graph_gflop": graph_gflop,
+            "auto": auto, "host_ms": host, "host_total_ms": total,
+            "configs": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items() if k not in ("output_times",)}
+                        | {"label": t, "x_limit": r["per_image"] / limit[r["precision"]],
+                           "agreement_vs_fp32_torch": agreement(fp32_ref["out_dir"], r["out_dir"], names)}
+                        for t, r in records.items()]}
+
+
 # ----------------------------------------------------------------------------- report
 def fmt(value, spec):
     return "-" if value is None else format(value, spec)
@@ -562,6 +788,18 @@ def main():
     ap.add_argument("--network-only", action="store_true",
                     help="stop after the rates and the network-only backend comparison (a quick rerun)")
     ap.add_argument("--keep-temp", action="store_true", help="keep the temporary folder (printed)")
+    ap.add_argument("--first-map", action="store_true",
+                    help="only the time-to-first-map study: jobs of --first-map-sizes images, empty and warm "
+                         "cache, --backend torch / openvino / auto")
+    ap.add_argument("--first-map-sizes", type=int, nargs="+", default=[1, 10, 100], metavar="N")
+    ap.add_argument("--first-map-side", type=int, default=256,
+                    help="side of the images of the jobs of more than 10 images (smaller: shorter; the network "
+                         "still runs on its 512 x 512 crop)")
+    ap.add_argument("--limits", action="store_true",
+                    help="only the limits study: conv limit in fp32 and bf16, end to end against it, the auto "
+                         "choice, the host path per image, bf16 agreement")
+    ap.add_argument("--limit-configs", nargs="+", metavar="ARGS", default=LIMIT_CONFIGS)
+    ap.add_argument("--limit-repeats", type=int, default=2, help="runs per limits configuration (best kept)")
     a = ap.parse_args()
     if a.images < 2:
         ap.error("--images must be at least 2")
@@ -585,6 +823,8 @@ def main():
 
 
 def run(a, work):
+    if a.first_map or a.limits:
+        return run_studies(a, work)
     released_gflop, graph_gflop = network_gflop(a.dataset)
     results = {"machine": machine_info(), "dataset": a.dataset, "images": a.images,
                "gflop_per_image": released_gflop, "graph_gflop_per_image": graph_gflop}
@@ -818,6 +1058,31 @@ def run(a, work):
         a.out.write_text(json.dumps(results | {"configs": runs}, indent=1) + "\n")
         print(f"numbers written to {a.out}")
     return 1 if failures else 0
+
+
+def run_studies(a, work):
+    """--first-map and/or --limits: the studies of backend choice and of the limits, on their own."""
+    m = machine_info()
+    print(f"SCHP studies -- {m['date']}; {m['cpu']} ({' '.join(m['isa'])}), {m['usable_cores']} cores; "
+          f"torch {m['torch']}; repo {m['repo_commit']}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    results = {"machine": m, "load_average_start": os.getloadavg()}
+    if a.checkpoint:
+        checkpoint = a.checkpoint.resolve()
+    else:
+        checkpoint = work / f"synthetic-{a.dataset}.pth"
+        make_checkpoint(checkpoint, a.dataset)
+    if a.limits:
+        images = make_images(work / "images", a.images)
+        results["limits"] = limits_study(a, work, checkpoint, work / "images", images, [p.name for p in images])
+    if a.first_map:
+        results.update(first_map_study(a, work, checkpoint))
+    results["load_average_end"] = os.getloadavg()
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        print(f"numbers written to {a.out}")
+    return 0
 
 
 if __name__ == "__main__":
