@@ -101,7 +101,7 @@ def check_precisions(checkpoint, lines):
         agreement = float((labels == expected).mean())
         need = 0.9999 if precision == "fp32" else 0.85
         results[precision] = {"agreement_with_golden": agreement, "required": need, "ok": agreement >= need}
-        log(f"  demo on CUDA, {precision}: {100 * agreement:.4f}% of pixels = golden (need >= {100 * need:.2f}%: "
+        log(f"  demo on {DEVICE}, {precision}: {100 * agreement:.4f}% of pixels = golden (need >= {100 * need:.2f}%: "
             f"{'ok' if agreement >= need else 'FAIL'})", lines)
         del parser
         if DEVICE == "cuda":
@@ -131,7 +131,7 @@ def check_cli_and_torchrun(checkpoint, work, gpus, torchrun, lines):
     expected = np.array(Image.open(DEMO / "expected.png"))
     agreement = float((np.array(Image.open(work / "cli" / "demo.png")) == expected).mean()) if code == 0 else 0.0
     results["cli"] = {"exit": code, "agreement_with_golden": agreement, "ok": code == 0 and agreement >= 0.9999}
-    log(f"  command line --device cuda on the demo: exit {code}, {100 * agreement:.4f}% = golden "
+    log(f"  command line --device {DEVICE} on the demo: exit {code}, {100 * agreement:.4f}% = golden "
         f"({'ok' if results['cli']['ok'] else 'FAIL: ' + output.strip()[-300:]})", lines)
     if not torchrun:
         return results
@@ -146,7 +146,8 @@ def check_cli_and_torchrun(checkpoint, work, gpus, torchrun, lines):
     devices = json.loads((work / "many.json").read_text()).get("devices") if (work / "many.json").is_file() else None
     results["torchrun"] = {"gpus": gpus, "exit_one": code1, "exit_torchrun": code2, "identical_outputs": same,
                            "devices": devices, "ok": same}
-    log(f"  torchrun --nproc-per-node {gpus} (NCCL): exit {code2}, outputs identical to one process: {same}; "
+    over = "NCCL" if DEVICE == "cuda" else "gloo"
+    log(f"  torchrun --nproc-per-node {gpus} ({over}): exit {code2}, outputs identical to one process: {same}; "
         f"devices {devices}" + ("" if same else f"\n    {out1.strip()[-300:]}\n    {out2.strip()[-300:]}"), lines)
     return results
 

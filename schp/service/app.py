@@ -57,11 +57,12 @@ class HTTPError(Exception):
 def label_png(labels: np.ndarray, palette) -> bytes:
     """The palette PNG utils.outputs.save_label_png writes, as bytes (the same encoder and settings)."""
     from PIL import Image
+    from schp.utils.outputs import PNG_COMPRESS_LEVEL
 
     image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
     image.putpalette(list(palette))
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    image.save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return out.getvalue()
 
 
