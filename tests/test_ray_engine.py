@@ -32,7 +32,7 @@ from service_server import free_port, small_checkpoint  # noqa: E402
 # with it, the cluster's servers listen on the loopback interface only
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 os.environ.update(LOOPBACK)  # for this process too (read when ray is imported)
-SIZES = [(48, 64), (64, 40), (37, 53), (80, 60), (45, 45), (30, 70)]  # (height, width): tiny, all different
+SIZES = [(48, 64), (64, 40), (37, 53), (80, 60), (30, 70)]  # (height, width): tiny, all different
 ACTOR_TITLE = "ray::MapWorker(MapBatches(ModelActor))"
 
 
@@ -69,12 +69,18 @@ def cluster():
         time.sleep(2)  # the raylet registers with the head just after
         yield {"address": f"127.0.0.1:{port}", "pid": proc.pid}
     finally:
-        proc.send_signal(signal.SIGTERM)  # --block: stops the processes this start made
+        started = [p for p, _ in descendants(proc.pid)]
+        proc.send_signal(signal.SIGTERM)  # --block: stops the processes this start made (gracefully: slow)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
             proc.wait(timeout=10)
+        for pid in started:  # what is left of them, one by one
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         import shutil
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -171,7 +177,8 @@ def test_s3_run_stopped_by_sigterm_exits_130_and_the_rerun_resumes_to_the_plain_
     fs.pipe_file("bucket/in/sub/deeper.png", (plain_in / names[1]).read_bytes())  # not listed: no --recursive
     summary = tmp_path / "run.json"
     argv = extractor("--model-restore", small, "--input-dir", "s3://bucket/in", "--output-dir", "s3://bucket/out",
-                     "--logits", "--overlay", "--summary", summary, cluster_address=cluster["address"])
+                     "--logits", "--overlay", "--summary", summary, "--ray-actors", 2, "--ray-cpus-per-actor", 0.5,
+                     cluster_address=cluster["address"])
     full_env = {**os.environ, **env, **LOOPBACK}
     proc = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -285,3 +292,15 @@ def test_urls_need_the_ray_engine():
     result = run_command("extract", "--input-dir", "s3://bucket/in", "--output-dir", "out")
     assert result.code == 2 and result.torch_imported is False
     assert result.err.strip() == "error: --input-dir s3://bucket/in: a URL; object stores are read and written by --engine ray"
+
+
+def test_ray_address_where_nothing_answers_is_a_setup_error_in_seconds(tmp_path):
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    t0 = time.monotonic()
+    result = run_command("extract", "--engine", "ray", "--ray-address", "127.0.0.1:1", "--input-dir", tmp_path / "in",
+                         "--output-dir", tmp_path / "out", "--quiet", env={**os.environ, **LOOPBACK})
+    assert result.code == 2, result.err
+    assert result.err.strip().splitlines()[-1].startswith("error: --ray-address 127.0.0.1:1: no Ray cluster answers there")
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

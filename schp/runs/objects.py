@@ -104,11 +104,14 @@ class ObjectPath:
 
 def list_keys(fs, root: str, recursive: bool = True) -> Dict[str, int]:
     """{key relative to root: size} of the objects under `root` (one paginated listing)."""
+    from schp.errors import SetupError, describe_exception
     root = root.rstrip("/")
     try:
         found = fs.find(root, maxdepth=None if recursive else 1, detail=True, withdirs=False)
     except FileNotFoundError:
         return {}
+    except Exception as err:  # credentials, a missing bucket, an endpoint that does not answer
+        raise SetupError(f"cannot list {fs.unstrip_protocol(root)}: {describe_exception(err)}") from None
     keys = {}
     for path, info in found.items():
         if info.get("type", "file") != "file":

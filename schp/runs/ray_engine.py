@@ -90,7 +90,9 @@ def plan_ray(input_dir: PathLike, output_dir: PathLike, options: ExtractOptions)
             raise SetupError("{output_dir} must differ from {input_dir} (outputs would be taken for inputs)",
                              mentions={"output_dir": ..., "input_dir": ...})
         if is_url(input_dir):
-            images, others, _ = list_url_images(str(input_dir), options.recursive, exclude=str(output_dir))
+            images, others, found = list_url_images(str(input_dir), options.recursive, exclude=str(output_dir))
+            if not found:  # a prefix without objects is no folder
+                raise SetupError("no such folder (no objects under it)", "input_dir", str(input_dir))
             in_root = ObjectPath(str(input_dir))
         else:
             from schp.data.listing import list_images
@@ -126,7 +128,11 @@ class RayExtraction(Extraction):
         job = RayJob(self.spec, self.options, self.ray_options, get_palette(self.spec.num_classes),
                      self.label_map)
         if any(task.plan(self.options.overwrite) == "process" for task in self.plan.tasks):
-            job.connect()  # only when something is left to compute, as the plain engine loads its model
+            try:
+                job.connect()  # only when something is left to compute, as the plain engine loads its model
+            except BaseException:
+                remove_empty(created)
+                raise
         return job, None, None
 
     def manifest_extra(self, job: "RayJob") -> Dict[str, Any]:
