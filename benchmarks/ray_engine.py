@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
 """The Ray engine against the plain engine on this machine, and the cost of listing an object store.
 
-1. Throughput: the same folder of images parsed by the plain engine (one process, --num-workers 1)
-   and by --engine ray with 1 and 2 model actors on a local Ray head started here (as many CPUs as
+1. Throughput: the same folder of images parsed by the plain engine (one process, --num-workers 1;
+   with torch's default threads, and with OMP_NUM_THREADS=1 as Ray gives a 1-CPU actor) and by
+   --engine ray with 1 and 2 model actors on a local Ray head started here (as many CPUs as
    the machine has); images/s of each and the ratio to the plain engine, measured in the same run.
 2. Memory: the driver's peak RSS (each run is a subprocess: its own ru_maxrss), and the peak RSS of
    each Ray stage's worker processes (sampled every 0.2 s from /proc, by process title:
    ray::Map(decode_row), ray::MapWorker(MapBatches(ModelActor)), ray::Map(write_row)).
 3. Listing: N empty objects (default 100,000) on a local S3 server (moto's server mode on
-   127.0.0.1, in this process, filled directly in its store), listed over HTTP as an input URL (list_url_images: what planning does), against
+   127.0.0.1, in this process, filled directly in its store), listed over HTTP as an input URL
+   (list_url_images: what planning does), against
    listing a local folder of N empty files (schp.data.listing.list_images).
 
     python benchmarks/ray_engine.py                      # all three, synthetic pascal weights at 512 x 512
     python benchmarks/ray_engine.py --images 8 --keys 10000 --input-size 160
+    python benchmarks/ray_engine.py --repeat 3 --skip listing      # each engine 3 times, in turn: the median
 
 Prints one JSON object; `uptime` before and after says how loaded the machine was.
 """
@@ -139,7 +142,6 @@ def throughput(args, work: Path) -> dict:
     extractor = [sys.executable, str(ROOT / "simple_extractor.py")]
     subprocess.run(extractor + model + ["--output-dir", str(work / "warm")], env=env, check=True,
                    stderr=subprocess.DEVNULL)  # the converted-checkpoint cache, made once for every run below
-    results = {"plain": timed_run(extractor + model + ["--output-dir", str(work / "plain")], env)}
     cores = os.cpu_count() or 1
     port = free_port()
     temp = Path(tempfile.mkdtemp(prefix="schp-ray-"))
@@ -147,6 +149,7 @@ def throughput(args, work: Path) -> dict:
                              str(port), "--num-cpus", str(cores), "--node-ip-address", "127.0.0.1",
                              "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", str(temp)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    runs = {}
     try:
         deadline = time.monotonic() + 60
         while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
@@ -154,20 +157,27 @@ def throughput(args, work: Path) -> dict:
                 raise SystemExit("the Ray head did not start")
             time.sleep(0.2)
         time.sleep(2)
-        for actors in (1, 2):
-            # actors share the cores with the decode and write tasks (1 CPU each): 2 actors take half a core
-            # of Ray's bookkeeping each, so the stages can run beside them on a 2-core machine
-            cpus = max(0.5, (cores - 1) / actors) if cores > 1 else 0.5
-            memory = StageMemory(head.pid)
-            memory.start()
-            run = timed_run(extractor + model + ["--output-dir", str(work / f"ray{actors}"), "--engine", "ray",
-                                                 "--ray-address", f"127.0.0.1:{port}", "--ray-actors", str(actors),
-                                                 "--ray-cpus-per-actor", str(cpus)], env)
-            memory.done.set()
-            memory.join()
-            run["stage_peak_rss_mib"] = {k: round(v, 1) for k, v in memory.peaks.items()}
-            run["cpus_per_actor"] = cpus
-            results[f"ray, {actors} actor{'s' if actors > 1 else ''}"] = run
+        for _ in range(args.repeat):  # the engines in turn, so that a change of machine load hits all of them
+            runs.setdefault("plain", []).append(timed_run(extractor + model + ["--output-dir", str(work / "plain")],
+                                                          env))
+            # the control: Ray gives an actor OMP_NUM_THREADS = its CPUs (1 here); the plain engine with
+            # the same one thread tells the engine's effect apart from the thread count's
+            runs.setdefault("plain, OMP_NUM_THREADS=1", []).append(
+                timed_run(extractor + model + ["--output-dir", str(work / "plain1")], {**env, "OMP_NUM_THREADS": "1"}))
+            for actors in (1, 2):
+                # the decode and write tasks take 1 CPU each beside the actors: on 2 cores, 2 actors
+                # reserve half a core each so that the other stages can run beside them
+                cpus = max(0.5, (cores - 1) / actors) if cores > 1 else 0.5
+                memory = StageMemory(head.pid)
+                memory.start()
+                run = timed_run(extractor + model + ["--output-dir", str(work / f"ray{actors}"), "--engine", "ray",
+                                                     "--ray-address", f"127.0.0.1:{port}", "--ray-actors",
+                                                     str(actors), "--ray-cpus-per-actor", str(cpus)], env)
+                memory.done.set()
+                memory.join()
+                run["stage_peak_rss_mib"] = {k: round(v, 1) for k, v in memory.peaks.items()}
+                run["cpus_per_actor"] = cpus
+                runs.setdefault(f"ray, {actors} actor{'s' if actors > 1 else ''}", []).append(run)
     finally:
         started = [p for p, _ in descendants(head.pid)]
         head.send_signal(signal.SIGTERM)
@@ -180,6 +190,12 @@ def throughput(args, work: Path) -> dict:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        import shutil
+        shutil.rmtree(temp, ignore_errors=True)
+    results = {}
+    for name, repeats in runs.items():  # the median run of each engine (by time), all times listed
+        ordered = sorted(repeats, key=lambda r: r["seconds"])
+        results[name] = {**ordered[len(ordered) // 2], "all_seconds": [r["seconds"] for r in repeats]}
     for name, run in results.items():
         run["images_per_s"] = round(args.images / run["seconds"], 3)
         run["time_ratio_to_plain"] = round(run["seconds"] / results["plain"]["seconds"], 2)
@@ -235,6 +251,7 @@ def main():
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--input-size", type=int, default=512, help="512 = the released pascal size; smaller is faster")
     p.add_argument("--keys", type=int, default=100_000)
+    p.add_argument("--repeat", type=int, default=1, help="runs of each engine, in turn; the median is reported")
     p.add_argument("--skip", choices=["throughput", "listing"], action="append", default=[])
     args = p.parse_args()
     out = {"uptime_before": uptime()}
@@ -245,8 +262,8 @@ def main():
         if "listing" not in args.skip:
             out["listing"] = listing(args, work)
     out["uptime_after"] = uptime()
-    out["cpu"] = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                      "unknown")
+    with open("/proc/cpuinfo") as info:
+        out["cpu"] = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
     print(json.dumps(out, indent=1))
 
 

@@ -244,7 +244,8 @@ def test_killed_model_actor_costs_a_retry_every_output_once_and_a_rerun_skips_wi
     assert killed_at < len(names), "the run ended before the actor could be killed"
     record = json.loads(summary.read_text())
     assert record["totals"]["processed"] == len(names)
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{Path(n).stem}{s}" for n in names for s in (".png", ".npy"))
+    expected = sorted(f"{Path(n).stem}{suffix}" for n in names for suffix in (".png", ".npy"))
+    assert sorted(p.name for p in out.iterdir()) == expected  # each once; no temporaries
     assert_maps_equal_plain(lambda key: (out / key).read_bytes(), plain_out, names)
 
     # everything done: every input skipped, no cluster contacted (nothing listens on port 1), no model
@@ -292,7 +293,8 @@ def test_ray_engine_without_ray_says_which_package_to_install(tmp_path):
 def test_urls_need_the_ray_engine():
     result = run_command("extract", "--input-dir", "s3://bucket/in", "--output-dir", "out")
     assert result.code == 2 and result.torch_imported is False
-    assert result.err.strip() == "error: --input-dir s3://bucket/in: a URL; object stores are read and written by --engine ray"
+    assert result.err.strip() == \
+        "error: --input-dir s3://bucket/in: a URL; object stores are read and written by --engine ray"
 
 
 def test_ray_address_where_nothing_answers_is_a_setup_error_in_seconds(tmp_path):
@@ -302,6 +304,7 @@ def test_ray_address_where_nothing_answers_is_a_setup_error_in_seconds(tmp_path)
     result = run_command("extract", "--engine", "ray", "--ray-address", "127.0.0.1:1", "--input-dir", tmp_path / "in",
                          "--output-dir", tmp_path / "out", "--quiet", env={**os.environ, **LOOPBACK})
     assert result.code == 2, result.err
-    assert result.err.strip().splitlines()[-1].startswith("error: --ray-address 127.0.0.1:1: no Ray cluster answers there")
+    line = result.err.strip().splitlines()[-1]
+    assert line.startswith("error: --ray-address 127.0.0.1:1: no Ray cluster answers there"), line
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

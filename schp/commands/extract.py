@@ -75,7 +75,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.integratedpifu_dir is not None and args.input_dir:
         p.error("--input-dir and --integratedpifu-dir are two different modes; give one of them")
     from schp.runs.objects import is_url
-    urls = [f"--{d.replace('_', '-')} {getattr(args, d)}" for d in ("input_dir", "output_dir") if is_url(getattr(args, d))]
+    urls = [f"--{d.replace('_', '-')} {getattr(args, d)}" for d in ("input_dir", "output_dir")
+            if is_url(getattr(args, d))]
     if urls and args.engine != "ray":
         p.fail(f"{urls[0]}: a URL; object stores are read and written by --engine ray")
     options.require_folders(p, args, *([] if is_url(args.input_dir) else ["input_dir"]), "integratedpifu_dir")

@@ -173,7 +173,8 @@ def prepare_ray_extraction(input_dir: PathLike, output_dir: PathLike, *, ray_add
     spec = dataset_spec(o.dataset, o.checkpoint)
     label_map = resolve_label_map(o.label_map, spec.labels)
     if input_dir is None or output_dir is None:
-        raise SetupError("folder mode needs {input_dir} and {output_dir}", mentions={"input_dir": ..., "output_dir": ...})
+        raise SetupError("folder mode needs {input_dir} and {output_dir}",
+                         mentions={"input_dir": ..., "output_dir": ...})
     if not is_url(output_dir):
         check_output_dir(local_path(output_dir))
     check_summary(o.summary)
