@@ -21,6 +21,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import tempfile
 import time
 import zlib
@@ -310,6 +311,8 @@ def cases(c: Corpus, repeat: int):
         proc = subprocess.Popen([PY, *map(str, argv)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                 env=ENV, cwd=ROOT)
         seen = []
+        deadline = threading.Timer(600, proc.kill)  # the lines below wait on the process: bounded
+        deadline.start()
         try:
             for line in proc.stderr:
                 seen.append(line)
@@ -319,6 +322,7 @@ def cases(c: Corpus, repeat: int):
                     break
             seen.append(proc.communicate(timeout=600)[1])
         finally:
+            deadline.cancel()
             proc.kill()
         err = "".join(seen)
         broken = contract(proc.returncode, err, {130}, [log])

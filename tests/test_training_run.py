@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from schp.commands import train
-from conftest import ROOT, wait_until
+from conftest import ROOT
 from schp.training.schedule import learning_rate
 from tiny_parsing_data import make_dataset
 
@@ -166,6 +167,8 @@ def sigterm_after_epoch(epoch, *argv):
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *[str(a) for a in argv], *COMMON],
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     seen = []
+    deadline = threading.Timer(600, proc.kill)  # the lines below wait on the process: bounded
+    deadline.start()
     try:
         for line in proc.stderr:  # bounded: the process ends, at the latest when killed below
             seen.append(line)
@@ -175,6 +178,7 @@ def sigterm_after_epoch(epoch, *argv):
                 break
         seen.append(proc.communicate(timeout=300)[1])
     finally:
+        deadline.cancel()
         proc.kill()
     return proc.returncode, "".join(seen)
 
