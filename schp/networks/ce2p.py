@@ -268,9 +268,10 @@ class PSPModule(nn.Module):
         # when they hold N samples instead of one, which moved logits by up to 3e-5 and flipped pixels
         # at near-ties between batch sizes. One sample at a time (the same operations in N calls)
         # makes a batch's maps equal, bit for bit, those of one image per forward pass. A traced or
-        # exported graph keeps the batched form (its runtime chooses its own kernels anyway).
-        if (feats.shape[0] > 1 and feats.device.type == "cpu" and not torch.jit.is_tracing()
-                and not torch.onnx.is_in_onnx_export()):
+        # exported graph keeps the batched form (its runtime chooses its own kernels anyway), and so
+        # does training, whose batch norm takes its statistics over the whole batch.
+        if (feats.shape[0] > 1 and not self.training and feats.device.type == "cpu"
+                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
             return torch.cat([self._forward(feats[i:i + 1]) for i in range(feats.shape[0])])
         return self._forward(feats)
 
