@@ -399,10 +399,10 @@ def setup_message(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         where = f"{err.filename}: " if err.filename else ""
         return f"{where}{err.strerror}"
-    text = str(err).strip().splitlines()
     from schp.errors import SCHPError
     if isinstance(err, SCHPError):
         return str(err)
+    text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
