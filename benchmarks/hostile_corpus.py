@@ -21,6 +21,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import tempfile
 import time
 import zlib
@@ -28,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "data"))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the training-state case writes its file with the project's own writer
 PY = sys.executable
 ENV = dict(os.environ, SCHP_BACKEND="torch", PYTHONPATH=str(ROOT))
 
@@ -99,6 +102,15 @@ class Corpus:
         png_declaring(self.masks / "good0.png", 20000, 20000)
         self.detections = root / "detections.pth"
         self.detections.write_bytes(b"not a predictions file")
+        # training: a good 4-class split, and one with a JPEG cut in half and a label declaring 20000 x 20000
+        from tiny_parsing_data import make_dataset
+        self.train = make_dataset(root / "train-good", 4, train=2)
+        self.train_bad = make_dataset(root / "train-bad", 4, train=3)
+        self.cut_jpeg = sorted((self.train_bad / "train_images").iterdir())[0]
+        data = self.cut_jpeg.read_bytes()
+        self.cut_jpeg.write_bytes(data[: len(data) // 2])
+        self.bomb_label = sorted((self.train_bad / "train_segmentations").iterdir())[1]
+        png_declaring(self.bomb_label, 20000, 20000)
 
 
 def temporaries(*folders: Path):
@@ -246,10 +258,94 @@ def cases(c: Corpus, repeat: int):
     def train_check_data_bomb():
         code, err = run([ROOT / "train.py", "--dataset", "lip", "--data-dir", c.data, "--split", "val",
                          "--check-data", "--device", "cpu", "--log-dir", out("train")])
-        broken = contract(code, err, {1, 2})
+        broken = contract(code, err, {2}, absent=[out("train")])
         if "bomb.png" not in err:
             broken.append("the oversized label was not named")
         return broken
+
+    t = [ROOT / "train.py", "--dataset", "custom", "--num-classes", "4", "--input-size", "64,64", "--batch-size",
+         "2", "--imagenet-pretrain", "none", "--num-workers", "0", "--quiet", "--seed", "3", "--device", "cpu"]
+
+    def train_check_data_split():
+        log = out("train-check") / "log"
+        code, err = run(t + ["--data-dir", c.train_bad, "--log-dir", log, "--check-data"])
+        broken = contract(code, err, {2}, absent=[out("train-check")])
+        for path, reason in ((c.cut_jpeg, "truncated JPEG"), (c.bomb_label, "above --max-pixels")):
+            if not any(str(path) in ln and reason in ln for ln in err.splitlines() if ln.startswith("error:")):
+                broken.append(f"{path.name} not named with {reason!r}")
+        if "2 problem(s)" not in err:
+            broken.append("no count of the problems")
+        return broken
+
+    def train_resume(what, argv, words):
+        def case():
+            log = out(f"train-resume-{what}") / "log"
+            code, err = run(argv(log))
+            broken = contract(code, err, {2}, absent=[log.parent])
+            errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+            if len(errors) != 1 or words not in errors[0]:
+                broken.append(f"not one line saying {words!r}: {err[-300:]!r}")
+            return broken
+        return case
+
+    def lip_training_state():
+        """A lip training state (20 classes) in train.py's own container, written by its writer."""
+        path = c.root / "lip-last.pth.tar"
+        if not path.is_file():
+            import torch
+            from schp.checkpoint import label_facts, write_training_state
+            from schp.data.catalog import DATASETS
+            from schp.networks import CE2P
+            from schp.training.state import rng_state
+            model = CE2P(20)
+            write_training_state(path, label_facts(DATASETS["lip"], DATASETS["lip"].flip_pairs), epoch=1,
+                                 cycle_n=0, model=model, schp_model=model,
+                                 optimizer=torch.optim.SGD(model.parameters(), lr=0.1), rng=rng_state(), seed=1,
+                                 args={})
+        return path
+
+    def train_sigterm_mid_epoch():
+        """SIGTERM once epoch 0's line is out (epoch 1 running): exit 130, no temporary; --resume ends 0."""
+        log = out("train-term")
+        argv = t + ["--data-dir", c.train, "--log-dir", log, "--epochs", "2", "--warmup-epochs", "0"]
+        proc = subprocess.Popen([PY, *map(str, argv)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                env=ENV, cwd=ROOT)
+        seen = []
+        deadline = threading.Timer(600, proc.kill)  # the lines below wait on the process: bounded
+        deadline.start()
+        try:
+            for line in proc.stderr:
+                seen.append(line)
+                if line.startswith("epoch 0:"):
+                    time.sleep(1.0)
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            seen.append(proc.communicate(timeout=600)[1])
+        finally:
+            deadline.cancel()
+            proc.kill()
+        err = "".join(seen)
+        broken = contract(proc.returncode, err, {130}, [log])
+        code, err = run(argv + ["--resume"])
+        broken += [f"resume: {b}" for b in contract(code, err, {0}, [log])]
+        import torch
+        if code == 0 and torch.load(log / "last.pth.tar", map_location="cpu", weights_only=True)["epoch"] != 2:
+            broken.append("the resumed run did not finish epoch 2")
+        for big in log.glob("*.pth.tar"):
+            big.unlink()
+        return broken
+
+    def train_full_disk():
+        disk, pre, cleanup = full_disk(c.root)
+        try:
+            code, err = run(t + ["--data-dir", c.train, "--log-dir", disk / "log", "--epochs", "1",
+                                 "--eval-epochs", "1"], preexec=pre)
+            broken = contract(code, err, {1}, [disk])
+            if len([ln for ln in err.splitlines() if ln.startswith("error: cannot write")]) != 1:
+                broken.append(f"not one line for the full disk: {err[-300:]!r}")
+            return broken
+        finally:
+            cleanup()
 
     def multi_person_masks_bomb():
         folder = c.root / "mp-photos"
@@ -308,6 +404,19 @@ def cases(c: Corpus, repeat: int):
          c.blocker / "run.json"], [out("mp-s")], "multi-person")
     yield "multi-person: a mask declaring 20000 x 20000, bad models", multi_person_masks_bomb
     yield "train --check-data: a label declaring 20000 x 20000", train_check_data_bomb
+    yield "train --check-data: a truncated JPEG and an oversized label in the train split", train_check_data_split
+    yield "train --resume: a model checkpoint", train_resume(
+        "model", lambda log: [ROOT / "train.py", "--dataset", "lip", "--data-dir", c.train, "--log-dir", log,
+                              "--resume", c.lip, "--device", "cpu"], "is a model checkpoint, not a training state")
+    yield "train --resume: another dataset's training state", train_resume(
+        "other", lambda log: [ROOT / "train.py", "--dataset", "pascal", "--data-dir", c.train, "--log-dir", log,
+                              "--resume", lip_training_state(), "--device", "cpu"],
+        "is a lip training state (20 classes), but --dataset pascal (7 classes)")
+    yield "train --resume: a truncated file", train_resume(
+        "cut", lambda log: [ROOT / "train.py", "--dataset", "lip", "--data-dir", c.train, "--log-dir", log,
+                            "--resume", c.bad_checkpoint, "--device", "cpu"], "--resume")
+    yield "train: SIGTERM mid-epoch, then --resume", train_sigterm_mid_epoch
+    yield "train: full disk while saving a checkpoint", train_full_disk
     yield "API: 1 x 40000 arrays, a bomb file, a cut JPEG", api_arrays
 
 

@@ -355,11 +355,23 @@ def label_facts(spec: DatasetSpec, flip_pairs: Sequence[Tuple[int, int]]) -> Dic
 
 
 def write_checkpoint(obj: Dict, path: Path) -> None:
-    """A model checkpoint or training state, written to a temporary and renamed (never half a file)."""
+    """A model checkpoint or training state, written to a temporary and renamed (never half a file).
+
+    Written through a Python file, so a full disk is an OSError (ENOSPC, raised again as itself when
+    torch's zip writer then fails on closing); given a path, torch's own writer reports it only as an
+    opaque RuntimeError ("unexpected pos ...")."""
     from schp.utils.outputs import atomic_path
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:
+            cause = err.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
 
 def write_model_checkpoint(path: Path, facts: Dict, **fields) -> None:
@@ -384,6 +396,37 @@ def read_training_file(path: Path) -> Dict:
     if not isinstance(obj, dict) or "state_dict" not in obj:
         raise CheckpointError(f"checkpoint {path}: not a training checkpoint (no 'state_dict')")
     return obj
+
+
+# what write_training_state puts in a file and --resume needs, besides the label facts
+TRAINING_STATE_KEYS = ("epoch", "cycle_n", "state_dict", "schp_state_dict", "optimizer", "rng", "seed")
+
+
+def _tensors(value) -> bool:
+    return isinstance(value, Mapping) and bool(value) and \
+        all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def checkpoint_kind(obj) -> str:
+    """What a checkpoint file's container holds, by its keys: 'training state' (everything --resume
+    needs), 'model checkpoint' (weights only: a released file, checkpoint_N / schp_N_checkpoint, or a
+    bare state dict), 'partial training state' (an optimizer or SCHP model, but not all of it), or
+    'other'."""
+    if isinstance(obj, Mapping) and all(k in obj for k in TRAINING_STATE_KEYS) and _tensors(obj["state_dict"]):
+        return "training state"
+    if _tensors(obj) or (isinstance(obj, Mapping) and _tensors(obj.get("state_dict"))
+                         and not any(k in obj for k in ("optimizer", "schp_state_dict"))):
+        return "model checkpoint"
+    if isinstance(obj, Mapping) and _tensors(obj.get("state_dict")):
+        return "partial training state"
+    return "other"
+
+
+def state_classes(obj: Mapping) -> Optional[int]:
+    """The class count of a checkpoint container's model (its classifier), or None if it has none."""
+    state = obj.get("state_dict", obj)
+    weight = state.get(PREFIX + CLASSIFIER_KEY, state.get(CLASSIFIER_KEY)) if isinstance(state, Mapping) else None
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 4 else None
 
 
 def read_label_facts(path: Path) -> Optional[dict]:

@@ -26,7 +26,9 @@ from tqdm import tqdm
 from schp.data.labelled import IGNORE_LABEL, Sample, label_problem, list_samples, read_ids, read_label
 from schp.data.crop import prepare_image
 from schp.data.decode import IMAGE_EXTENSIONS, ImageError, read_image
+from schp.errors import EXIT_FAILED, SCHPError
 from schp.inference import HumanParser
+from schp.runs.loop import Job, Reporter, Task, Unit, run as run_loop
 from schp.utils.outputs import save_label_png
 from schp.utils.palette import get_palette
 from schp.utils.transforms import Size, get_affine_transform
@@ -132,129 +134,135 @@ def find_image(sample: Sample) -> Path:
 
 
 # ----------------------------------------------------------------------------- model mode
+class EvalTask(Task):
+    """One labelled image to score; `outputs` is its saved prediction (none without a save folder)."""
+
+    def __init__(self, sample: Sample, image_path: Path, save_dir: Optional[Path]):
+        self.sample, self.source, self.save_dir = sample, image_path, save_dir
+        if not image_path.is_file():
+            self.source, self.refusal = sample.image, "no such image file"
+        elif not sample.label.is_file():
+            self.refusal = f"no ground truth ({sample.label} does not exist)"
+
+    @property
+    def outputs(self) -> List[Path]:
+        return [] if self.save_dir is None else [self.save_dir / f"{self.sample.id}.png"]
+
+
 @dataclass
 class _Item:
-    sample: Sample
-    image_path: Path
-    crop: Optional[np.ndarray] = None
-    center: Optional[np.ndarray] = None
-    scale: Optional[np.ndarray] = None
-    width: int = 0
-    height: int = 0
-    gt: Optional[np.ndarray] = None
-    error: Optional[Tuple[str, str]] = None  # (file, reason)
+    crop: np.ndarray
+    center: np.ndarray
+    scale: np.ndarray
+    width: int
+    height: int
+    gt: np.ndarray
 
 
-def _prepare(sample: Sample, image_path: Path, num_classes: int, input_size: Size) -> _Item:
-    """Read and check the ground truth, then decode and crop the image (the label first: it is cheaper)."""
-    item = _Item(sample, image_path)
+def _prepare(index: int, task: EvalTask, num_classes: int, input_size: Size) -> Unit:
+    """Read and check the ground truth, then decode and crop the image (the label first: it is cheaper).
+    An error names the file at fault: the ground truth or the image."""
+    sample = task.sample
     try:
         gt = read_label(sample.label)
     except ValueError as err:
-        item.error = (str(sample.label), str(err))
-        return item
+        return Unit(index, error=str(err), source=str(sample.label))
     try:
-        image = read_image(image_path)
+        image = read_image(task.source)
     except ImageError as err:
-        item.error = (str(image_path), str(err))
-        return item
+        return Unit(index, error=str(err))
     problem = label_problem(gt, num_classes, image.shape[:2])
     if problem:
-        item.error = (str(sample.label), problem)
-        return item
+        return Unit(index, error=problem, source=str(sample.label))
     prepared = prepare_image(0, image, input_size)
-    item.crop, item.center, item.scale = prepared.image, prepared.center, prepared.scale
-    item.width, item.height, item.gt = prepared.width, prepared.height, gt
-    return item
+    item = _Item(prepared.image, prepared.center, prepared.scale, prepared.width, prepared.height, gt)
+    return Unit(index, item, width=prepared.width, height=prepared.height)
 
 
-def _prefetched(jobs: Sequence[Tuple[Sample, Path]], prepare: Callable, ahead: int) -> Iterator[_Item]:
-    """prepare(*job) for each job in order, computed up to `ahead` jobs early in a thread pool
-    (OpenCV and PIL release the GIL while decoding and warping)."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = []
-        for job in jobs:
-            pending.append(pool.submit(prepare, *job))
-            if len(pending) > ahead:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
+class EvaluationJob(Job):
+    """The run loop's stages for scoring: decode + crop ahead in two threads (OpenCV and PIL release the
+    GIL), the network on a batch of crops, then per image the inverse warp, its confusion matrix and
+    the saved map in the writer threads; the matrices are summed in the calling thread."""
+    noun = "images"
+
+    def __init__(self, parser: HumanParser, batch_size: int, legacy_int_centers: bool):
+        self.parser, self.batch_size, self.legacy = parser, batch_size, legacy_int_centers
+        self.num_classes, self.input_size = parser.spec.num_classes, tuple(parser.spec.input_size)
+        self.palette = get_palette(self.num_classes)
+        self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.float64)
+        self.scored = 0
+
+    def prepare(self, tasks: Sequence[EvalTask]) -> Iterator[Unit]:
+        ahead = 2 * self.batch_size
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="schp-decode") as pool:
+            pending = []
+            for index, task in enumerate(tasks):
+                pending.append(pool.submit(_prepare, index, task, self.num_classes, self.input_size))
+                if len(pending) > ahead:
+                    yield pending.pop(0).result()
+            for future in pending:
+                yield future.result()
+
+    def forward(self, units: List[Unit]) -> List[np.ndarray]:
+        logits = self.parser.logits(torch.from_numpy(np.stack([u.payload.crop for u in units])))
+        return list(logits.argmax(1).to(torch.uint8).cpu().numpy())  # ties: the lowest class
+
+    def write(self, task: EvalTask, unit: Unit, labels: np.ndarray) -> np.ndarray:
+        item = unit.payload
+        center = scored_center(item.center, self.legacy)
+        pred = warp_labels(labels, center, item.scale, item.width, item.height, self.input_size)
+        confusion = confusion_matrix(item.gt, pred, self.num_classes)
+        if task.save_dir is not None:
+            if self.legacy:  # saved maps use the float centre, as released
+                pred = warp_labels(labels, item.center, item.scale, item.width, item.height, self.input_size)
+            save_label_png(pred, self.palette, task.outputs[0])
+        return confusion
+
+    def collected(self, task: EvalTask, unit: Unit, confusion: np.ndarray) -> None:
+        self.confusion += confusion
+        self.scored += 1
 
 
-def _check_files(samples: Sequence[Sample], say) -> Tuple[List[Tuple[Sample, Path]], List[Tuple[str, str]]]:
-    """Before any work: every image and its ground truth must exist; the others are reported and left out."""
-    jobs, failed = [], []
-    for sample in samples:
-        image_path = find_image(sample)
-        if not image_path.is_file():
-            failed.append((str(sample.image), "no such image file"))
-        elif not sample.label.is_file():
-            failed.append((str(image_path), f"no ground truth ({sample.label} does not exist)"))
-        else:
-            jobs.append((sample, image_path))
-            continue
-        say(f"error: {failed[-1][0]}: {failed[-1][1]}")
-    return jobs, failed
+class EvaluationStopped(SCHPError):
+    """The run stopped before every image was scored (a full disk under the save folder)."""
+    exit_code = EXIT_FAILED
+
+
+class _SayReporter(Reporter):
+    def __init__(self, say: Callable[[str], None]):
+        self.line = say
 
 
 def evaluate(parser: HumanParser, data_dir, split: str = "val", *, legacy_int_centers: bool = True,
              batch_size: int = 1, save_dir=None, quiet: bool = False, say: Callable[[str], None] = _log,
-             label_dir: Optional[str] = None) -> EvalResult:
+             label_dir: Optional[str] = None, reporter: Optional[Reporter] = None) -> EvalResult:
     """Score `parser` (with its own flip / multi-scale settings) on `<data_dir>/<split>_id.txt`.
 
-    Images go `batch_size` per forward (the crops all have the input size). An image that cannot be
-    scored (unreadable, no ground truth, ground truth of another size or with labels that are not
-    classes) is reported through `say` as `error: <file>: <reason>`, left out and listed in `failed`.
-    With `save_dir`, each prediction is written there as `<id>.png` (palette PNG, float centre, image
-    size), as the released `--save-results` did. A missing or empty id file raises LabelledDataError.
+    Images go `batch_size` per forward (the crops all have the input size), through the one run loop.
+    An image that cannot be scored (unreadable, no ground truth, ground truth of another size or with
+    labels that are not classes) is reported as `error: <file>: <reason>` (through `reporter`, else
+    `say`), left out and listed in `failed`. With `save_dir`, each prediction is written there as
+    `<id>.png` (palette PNG, float centre, image size), as the released `--save-results` did. A missing
+    or empty id file raises LabelledDataError; a stop signal KeyboardInterrupt (after the maps being
+    saved are complete); a full disk EvaluationStopped. `quiet` is kept for callers; progress shows
+    only through a `reporter` that draws bars.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    spec = parser.spec
-    num_classes, input_size = spec.num_classes, tuple(spec.input_size)
     samples = list_samples(Path(data_dir), split, label_dir=label_dir)
-    jobs, failed = _check_files(samples, say)
     if save_dir is not None:
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
-    palette = get_palette(num_classes)
-    confusion = np.zeros((num_classes, num_classes), dtype=np.float64)
-    scored = 0
-    bar = tqdm(total=len(samples), initial=len(failed), unit="img", disable=quiet, dynamic_ncols=True)
-
-    def run(batch: List[_Item]) -> None:
-        nonlocal confusion, scored
-        logits = parser.logits(torch.from_numpy(np.stack([item.crop for item in batch])))
-        crop_labels = logits.argmax(1).to(torch.uint8).cpu().numpy()  # ties: the lowest class
-        for item, labels in zip(batch, crop_labels):
-            center = scored_center(item.center, legacy_int_centers)
-            pred = warp_labels(labels, center, item.scale, item.width, item.height, input_size)
-            confusion += confusion_matrix(item.gt, pred, num_classes)
-            scored += 1
-            if save_dir is not None:
-                if legacy_int_centers:  # saved maps use the float centre, as released
-                    pred = warp_labels(labels, item.center, item.scale, item.width, item.height, input_size)
-                save_label_png(pred, palette, save_dir / f"{item.sample.id}.png")
-        bar.update(len(batch))
-
-    try:
-        batch: List[_Item] = []
-        prepare = lambda sample, path: _prepare(sample, path, num_classes, input_size)  # noqa: E731
-        for item in _prefetched(jobs, prepare, ahead=2 * batch_size):
-            if item.error:
-                failed.append(item.error)
-                say(f"error: {item.error[0]}: {item.error[1]}")
-                bar.update(1)
-                continue
-            batch.append(item)
-            if len(batch) == batch_size:
-                run(batch)
-                batch = []
-        if batch:
-            run(batch)
-    finally:
-        bar.close()
-    return result_from_confusion(confusion, scored, failed, spec.labels)
+    tasks = [EvalTask(sample, find_image(sample), save_dir) for sample in samples]
+    job = EvaluationJob(parser, batch_size, legacy_int_centers)
+    report = run_loop(job, tasks, overwrite=True, reporter=reporter or _SayReporter(say))
+    if report.interrupted:
+        raise KeyboardInterrupt
+    if report.stopped_reason:
+        raise EvaluationStopped(report.stopped_reason)
+    failed = [(o.details.get("source", str(o.task.source)), o.reason) for o in report.outcomes
+              if o.status == "failed"]
+    return result_from_confusion(job.confusion, job.scored, failed, parser.spec.labels)
 
 
 # ----------------------------------------------------------------------------- files mode

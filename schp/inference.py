@@ -214,10 +214,7 @@ class HumanParser:
     def image_labels(self, item, result: Dict[str, object], logits_out: Optional[np.ndarray] = None) -> np.ndarray:
         """The image's label map from its crop result: as warped on the device, or the CPU inverse warp
         and argmax of its host logits (filling `logits_out`, H x W x C, when given)."""
-        if result.get("labels") is not None:
-            return result["labels"]
-        return labels_from_logits(result["logits"], item.center, item.scale, item.width, item.height,
-                                  self.spec.input_size, logits_out)
+        return crop_labels(item, result, self.spec.input_size, logits_out)
 
     def labels(self, logits: torch.Tensor, center: np.ndarray, scale: np.ndarray, width: int,
                height: int) -> np.ndarray:
@@ -242,6 +239,16 @@ def load_human_parser(spec: DatasetSpec, checkpoint: Optional[Path], device: tor
     state, path = load_checkpoint(spec, checkpoint, allow_download=allow_download,
                                   cache_dir=cache_dir if cache_dir is not None else default_cache_dir())
     return HumanParser(spec, state, device, precision, allow_tf32, **options), path
+
+
+def crop_labels(item, result: Dict[str, object], input_size: Tuple[int, int],
+                logits_out: Optional[np.ndarray] = None) -> np.ndarray:
+    """HumanParser.image_labels without the model: for a write stage that runs apart from it (the
+    Ray engine's CPU workers); the crop result of HumanParser.crop_results, made anywhere."""
+    if result.get("labels") is not None:
+        return result["labels"]
+    return labels_from_logits(result["logits"], item.center, item.scale, item.width, item.height,
+                              input_size, logits_out)
 
 
 def labels_from_logits(logits: np.ndarray, center: np.ndarray, scale: np.ndarray, width: int, height: int,

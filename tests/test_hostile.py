@@ -389,5 +389,5 @@ def test_a_stop_signal_once_the_outcome_is_decided_is_not_a_death_by_signal():
                   "exit_with(main)\n")
         done = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=60)
         assert done.returncode in (0, 130) and "Traceback" not in done.stderr, (signum, done.returncode, done.stderr)
-    for shim in ("simple_extractor.py", "multi_person.py", "evaluate.py", "export.py"):
+    for shim in ("simple_extractor.py", "multi_person.py", "evaluate.py", "export.py", "train.py"):
         assert "exit_with(main)" in (ROOT / shim).read_text(), shim

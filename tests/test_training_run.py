@@ -1,12 +1,16 @@
 """train.py end to end on CPU with tiny coloured-shape datasets (64 x 64, the real ResNet-101 CE2P).
 
 The runs are few and short: the released-format files, the closed-form lr, loading in the extractor
-and in the released loader, resume == uninterrupted, learning, bad data, a non-finite loss, torchrun.
+and in the released loader, resume == uninterrupted (through a SIGTERM mid-epoch), learning, bad data
+(every file decoded), files that cannot be resumed, a full disk, a non-finite loss, torchrun.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -121,9 +125,16 @@ def test_custom_labels_learn_resume_equals_uninterrupted_and_extract(tmp_path, r
             "--learning-rate", 0.02, "--schp-start", 2, "--cycle-epochs", 1, "--eval-epochs", 2]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert run_train(*args, "--log-dir", whole) == 0
-    assert run_train(*args, "--log-dir", parts, "--stop-after", 2) == 0
+    assert run_train(*args, "--log-dir", parts, "--stop-after", 1) == 0
+    # resumed in a process of its own, stopped by SIGTERM in the epoch after the second (as a batch
+    # scheduler stops a job): exit 130, the state of the last finished epoch kept, no temporary
+    code, err = sigterm_after_epoch(1, *args, "--log-dir", parts, "--resume")
+    assert code == 130, err
+    assert "interrupted; continue with --resume" in err and "Traceback" not in err, err
     assert files(parts) == ["args.json", "checkpoint_2.pth.tar", "curves.png", "last.pth.tar", "metrics.jsonl",
-                            "schp_1_checkpoint.pth.tar"]
+                            "schp_1_checkpoint.pth.tar"]  # no temporary beside them
+    assert torch.load(parts / "last.pth.tar", map_location="cpu", weights_only=True)["epoch"] == 2
+    assert len(metrics(parts)) == 2
     assert run_train(*args, "--log-dir", parts, "--resume") == 0
 
     assert files(whole) == files(parts)
@@ -146,6 +157,30 @@ def test_custom_labels_learn_resume_equals_uninterrupted_and_extract(tmp_path, r
     code, out, _ = run_cli("--dataset", "custom", "--model-restore", whole / "schp_2_checkpoint.pth.tar",
                            "--legend")
     assert code == 0 and "square" in out and "4 classes" in out
+
+
+def sigterm_after_epoch(epoch, *argv):
+    """Run train.py in a process of its own; SIGTERM it once the line of `epoch` is out (the next epoch
+    is then running). Returns (exit code, stderr). Same thread count as this process, so that its
+    floating-point sums are those of the in-process runs."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *[str(a) for a in argv], *COMMON],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    seen = []
+    deadline = threading.Timer(600, proc.kill)  # the lines below wait on the process: bounded
+    deadline.start()
+    try:
+        for line in proc.stderr:  # bounded: the process ends, at the latest when killed below
+            seen.append(line)
+            if line.startswith(f"epoch {epoch}:"):
+                time.sleep(1.0)  # well into the next epoch's first step
+                proc.send_signal(signal.SIGTERM)
+                break
+        seen.append(proc.communicate(timeout=300)[1])
+    finally:
+        deadline.cancel()
+        proc.kill()
+    return proc.returncode, "".join(seen)
 
 
 def break_split(root, how):
@@ -179,10 +214,48 @@ def test_bad_data_is_refused_before_training_with_one_line(tmp_path, capsys, how
     code = run_train("--dataset", "custom", "--num-classes", 4, "--data-dir", data, "--log-dir", log,
                      "--check-data")
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2  # a set-up error: found before any epoch
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert reason in lines[0] and (bad.stem in lines[0] or "train_id.txt" in lines[0])
     assert not log.exists()  # nothing started
+
+
+def test_check_data_decodes_every_file_and_names_every_problem(tmp_path, capsys):
+    """Each broken file of the split is one line naming it and its reason, found by decoding it as
+    training does (a JPEG cut in half has a complete header), before any epoch; then exit 2 with a count."""
+    from test_hostile import png_declaring
+
+    data = make_dataset(tmp_path / "data", 4, train=9)
+    images, labels = sorted((data / "train_images").iterdir()), sorted((data / "train_segmentations").iterdir())
+    whole = images[0].read_bytes()
+    images[0].write_bytes(whole[: len(whole) // 2])  # header intact, half the scan data
+    images[1].write_text("<html>a page saved under an image's name</html>")
+    png = labels[2].read_bytes()
+    labels[2].write_bytes(png[: len(png) // 2])  # a cut label PNG
+    png_declaring(labels[3], 20000, 20000)  # Pillow would stop on its bomb limit
+    values = np.array(Image.open(labels[4]))
+    values[5, 5] = 7
+    Image.fromarray(values).save(labels[4])
+    Image.open(labels[5]).resize((30, 30)).save(labels[5])
+    labels[6].unlink()
+    images[7].unlink()
+    expected = {images[0]: "truncated JPEG", images[1]: "not a decodable image", labels[2]: "not a readable",
+                labels[3]: "20000 x 20000 pixels", labels[4]: "label values 7 are not classes 0..3",
+                labels[5]: "label is 30x30 but its image is", labels[6]: "no such label file",
+                images[7]: "no such image"}
+    log = tmp_path / "log"
+    code = run_train("--dataset", "custom", "--num-classes", 4, "--data-dir", data, "--log-dir", log,
+                     "--check-data")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == len(expected) + 1 and "Traceback" not in err, err
+    for path, reason in expected.items():
+        named = [line for line in lines if f" {path}: " in line]
+        assert len(named) == 1 and reason in named[0], (path, lines)
+    assert lines[-1] == f"error: 8 problem(s) in the train split of {data}; nothing was trained"
+    assert not log.exists()
+    assert all(images[8].stem not in line for line in lines)  # the good sample is not refused
 
 
 def test_check_data_passes_on_good_data(tmp_path, capsys):
@@ -190,6 +263,88 @@ def test_check_data_passes_on_good_data(tmp_path, capsys):
     assert run_train("--dataset", "custom", "--num-classes", 4, "--data-dir", data, "--log-dir",
                      tmp_path / "log", "--check-data") == 0
     assert "3 samples" in capsys.readouterr().err and not (tmp_path / "log").exists()
+
+
+@pytest.fixture
+def not_resumable(pascal_run, tmp_path, checkpoints):
+    """Files --resume must refuse, each with what the file is: (path, extra argv, words of the line)."""
+    _, _, log = pascal_run
+    cut = tmp_path / "cut.pth.tar"
+    with open(log / "last.pth.tar", "rb") as f:
+        cut.write_bytes(f.read(1 << 20))
+    text = tmp_path / "notes.pth.tar"
+    text.write_text("epoch 3 went well\n")
+    model = "is a model checkpoint, not a training state: pass it as --init-from"
+    return {
+        "checkpoint_N": (log / "checkpoint_4.pth.tar", ["--dataset", "pascal"], model),
+        "schp_N_checkpoint": (log / "schp_3_checkpoint.pth.tar", ["--dataset", "pascal"], model),
+        "released .pth": (checkpoints("lip"), ["--dataset", "lip"], model),
+        "another dataset": (log / "last.pth.tar", ["--dataset", "lip"],
+                            "is a pascal training state (7 classes), but --dataset lip (20 classes)"),
+        "another class count": (log / "last.pth.tar", ["--dataset", "custom", "--num-classes", "4"],
+                                "is a pascal training state (7 classes), but --dataset custom (4 classes)"),
+        "truncated": (cut, ["--dataset", "pascal"], "the file is truncated or not a PyTorch checkpoint"),
+        "text": (text, ["--dataset", "pascal"], "not a PyTorch checkpoint (it is a text file)"),
+    }
+
+
+def test_a_file_that_is_not_a_resumable_state_is_one_line_and_leaves_no_log_folder(not_resumable, tmp_path,
+                                                                                   capsys):
+    data = make_dataset(tmp_path / "data", 4, train=2)
+    log = tmp_path / "new" / "log"
+    for case, (path, argv, words) in not_resumable.items():
+        code = run_train(*argv, "--data-dir", data, "--log-dir", log, "--resume", path)
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code == 2, (case, err)
+        assert len(lines) == 1 and lines[0].startswith(f"error: --resume {path}") and words in lines[0], (case, err)
+        assert not (tmp_path / "new").exists(), case
+
+
+def test_a_failed_setup_leaves_no_log_folder_it_made(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", 4, train=2)
+    log = tmp_path / "new" / "log"
+    code = train.main(["--dataset", "custom", "--num-classes", "4", "--data-dir", str(data), "--log-dir", str(log),
+                       "--batch-size", "2", "--quiet", "--imagenet-pretrain", str(tmp_path / "missing.pth")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--imagenet-pretrain" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()  # a folder that was there before is the user's: left as it was
+    assert train.main(["--dataset", "custom", "--num-classes", "4", "--data-dir", str(data), "--log-dir",
+                       str(kept), "--batch-size", "2", "--quiet", "--imagenet-pretrain",
+                       str(tmp_path / "missing.pth")]) == 2
+    assert kept.is_dir() and not list(kept.iterdir())
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_exit_1(tmp_path):
+    """On a real 20 MiB tmpfs when mounting is permitted (root), else under a 20 MiB file-size limit
+    (EFBIG where a small disk gives ENOSPC), as tests/test_hostile.py does for export."""
+    data = make_dataset(tmp_path / "data", 4, train=2)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)],
+                                                   capture_output=True).returncode == 0
+    pre = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    if not mounted:
+        pre = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, 20 << 20)); " + pre
+    log = disk / "log"
+    try:
+        done = subprocess.run([sys.executable, "-c", pre, str(ROOT / "train.py"), "--dataset", "custom",
+                               "--num-classes", "4", "--data-dir", str(data), "--log-dir", str(log), "--epochs", "2",
+                               "--eval-epochs", "1", "--warmup-epochs", "0", *COMMON], capture_output=True,
+                              text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        left = sorted(p.name for p in log.iterdir())
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)])
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    reason = "No space left on device" if mounted else "File too large"
+    assert errors[0].startswith(f"error: cannot write {log / 'checkpoint_1.pth.tar'}: {reason}"), errors
+    assert left == ["args.json"]  # the checkpoint's temporary is gone; nothing else was due yet
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from schp.commands import options
 from schp.commands.options import parse_input_size
-from schp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SetupError
+from schp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SCHPError, SetupError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,12 +159,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import cv2
             cv2.setNumThreads(1)  # torch owns the cores
             save_dir = Path(args.log_dir) / "sp_results" if args.save_results else None
+            from schp.commands.console import ConsoleReporter
             result = evaluate(parser, data_dir, args.split, legacy_int_centers=not args.float_centers,
-                              batch_size=args.batch_size, save_dir=save_dir, quiet=args.quiet,
-                              label_dir=args.label_dir, say=say)
+                              batch_size=args.batch_size, save_dir=save_dir, label_dir=args.label_dir,
+                              reporter=ConsoleReporter(args.quiet))
     except LabelledDataError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_SETUP
+    except SCHPError as err:  # the run stopped: a full disk under --log-dir
+        print(f"error: {options.flag_message(err)}", file=sys.stderr)
+        return err.exit_code
     except OSError as err:
         print(f"error: cannot write {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
         return EXIT_FAILED

@@ -18,8 +18,8 @@ MULTI_PERSON = ["-m", "schp.commands.multi_person"]  # the command, installed or
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    from schp.commands.options import CommandParser
-    p = CommandParser(
+    from schp.commands import options
+    p = options.CommandParser(
         prog="evaluate.py --multi-person",
         description="Multi-person evaluation: mIoU of the global parsing, AP^r of the part instances "
                     "(CIHP's protocol), AP^h of the persons, identity switches in videos.", allow_abbrev=False)
@@ -35,8 +35,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "--data-dir, else everything in Category_ids/")
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="refuse maps declaring more pixels than this; default 200000000, 0 = no limit")
-    p.add_argument("--summary", default=None, metavar="PATH", help="write the metrics as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    options.add_summary(p, help="write the metrics as JSON")
+    options.add_quiet(p, help="no progress bar")
     p.add_argument("--run-multi-person", action="store_true",
                    help="first run multi_person.py on <data-dir>/Images into --pred-dir (images already done "
                         "there are kept); every option this mode does not know goes to multi_person.py, e.g. "

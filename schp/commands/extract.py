@@ -52,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-map", default=None, metavar="FILE",
                    help="write the label maps in another label scheme: a JSON file with the target class "
                         "names, the source-to-target class mapping and an optional palette (docs/outputs.md)")
+    p.add_argument("--engine", default="plain", choices=["plain", "ray"],
+                   help="plain: this machine (or torchrun); ray: a Ray cluster through Ray Data, with folders "
+                        "or object-store URLs (s3://, gs://, ...) for --input-dir / --output-dir (docs/ray.md)")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="--engine ray: the cluster to join; default $RAY_ADDRESS, else a local Ray for the run")
+    p.add_argument("--ray-actors", type=int, default=1, metavar="N",
+                   help="--engine ray: model actors, each loading the model once")
+    p.add_argument("--ray-gpus-per-actor", type=float, default=0.0, metavar="G",
+                   help="--engine ray: GPUs each model actor reserves (1 for one GPU each; 0: CPU actors)")
+    p.add_argument("--ray-cpus-per-actor", type=float, default=1.0, metavar="C",
+                   help="--engine ray: CPUs each model actor reserves (decoding and writing take 1 each)")
     p.add_argument("--legend", "--list-labels", dest="legend", action="store_true",
                    help="print each class of --dataset with its palette colour, and exit")
     return p
@@ -63,7 +74,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = options.parse(p, argv)
     if args.integratedpifu_dir is not None and args.input_dir:
         p.error("--input-dir and --integratedpifu-dir are two different modes; give one of them")
-    options.require_folders(p, args, "input_dir", "integratedpifu_dir")
+    from schp.runs.objects import is_url
+    urls = [f"--{d.replace('_', '-')} {getattr(args, d)}" for d in ("input_dir", "output_dir")
+            if is_url(getattr(args, d))]
+    if urls and args.engine != "ray":
+        p.fail(f"{urls[0]}: a URL; object stores are read and written by --engine ray")
+    options.require_folders(p, args, *([] if is_url(args.input_dir) else ["input_dir"]), "integratedpifu_dir")
     return args
 
 
@@ -120,9 +136,16 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return EXIT_OK
     if args.integratedpifu_dir is None and not (args.input_dir and args.output_dir):
         raise SetupError("folder mode needs --input-dir and --output-dir (or use --integratedpifu-dir)")
-    from schp.runs.extract import prepare_extraction
-    extraction = prepare_extraction(args.input_dir or None, args.output_dir or None,
-                                    integratedpifu_dir=args.integratedpifu_dir, **run_options(args))
+    if args.engine == "ray":
+        from schp.runs.ray_engine import prepare_ray_extraction
+        extraction = prepare_ray_extraction(
+            args.input_dir or None, args.output_dir or None, integratedpifu_dir=args.integratedpifu_dir,
+            ray_address=args.ray_address, ray_actors=args.ray_actors, ray_gpus_per_actor=args.ray_gpus_per_actor,
+            ray_cpus_per_actor=args.ray_cpus_per_actor, **run_options(args))
+    else:
+        from schp.runs.extract import prepare_extraction
+        extraction = prepare_extraction(args.input_dir or None, args.output_dir or None,
+                                        integratedpifu_dir=args.integratedpifu_dir, **run_options(args))
     if extraction.ranks and not extraction.ranks.is_main:
         args.quiet = True  # one progress bar
     if args.dry_run:

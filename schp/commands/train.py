@@ -4,8 +4,9 @@
     python train.py --dataset lip --data-dir data/LIP                    # one process
     torchrun --nproc-per-node 8 train.py --dataset lip --data-dir ...    # DistributedDataParallel
 
-The released command lines keep working. Exit codes: 0 done, 1 bad training data or a non-finite
-loss, 2 usage or set-up error, 130 interrupted (continue with --resume).
+The released command lines keep working. Exit codes: 0 done, 1 a non-finite loss or a full disk,
+2 usage or set-up error (unusable training data included), 130 interrupted by Ctrl-C, SIGTERM or
+SIGHUP (continue with --resume).
 """
 import argparse
 import logging
@@ -18,6 +19,8 @@ from typing import Optional, Sequence
 from schp.commands import options
 from schp.commands.options import parse_input_size
 from schp.errors import EXIT_INTERRUPTED, EXIT_SETUP, SetupError
+
+DEFAULT_MAX_PIXELS = 200_000_000  # = schp.data.decode.DEFAULT_MAX_PIXELS (not imported: OpenCV is heavy)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from <log-dir>/last.pth.tar (or the file given)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs of this run (time-boxed jobs); continue with --resume")
-    p.add_argument("--check-data", action="store_true", help="only check the training split, then exit")
+    p.add_argument("--check-data", action="store_true",
+                   help="only check the training split (every image and label decoded), then exit")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse images and labels whose header declares more than N pixels (as the extractor); "
+                        "0 = no limit")
     options.add_quiet(p, help="no progress bar")
     return p
 
@@ -129,8 +136,8 @@ def build_config(args):
     for name in ("batch_size", "epochs", "eval_epochs", "cycle_epochs"):
         if getattr(args, name) < 1:
             raise SetupError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup_epochs < 0 or args.schp_start < 0 or args.num_workers < 0:
-        raise SetupError("--warmup-epochs, --schp-start and --num-workers must be >= 0")
+    if args.warmup_epochs < 0 or args.schp_start < 0 or args.num_workers < 0 or args.max_pixels < 0:
+        raise SetupError("--warmup-epochs, --schp-start, --num-workers and --max-pixels must be >= 0")
     pretrain = None if str(args.imagenet_pretrain).lower() in ("none", "") else Path(args.imagenet_pretrain)
     resume = None
     if args.resume is not None:
@@ -148,6 +155,7 @@ def build_config(args):
         model_restore=Path(args.model_restore) if args.model_restore else None,
         schp_restore=Path(args.schp_restore) if args.schp_restore else None,
         resume=resume, stop_after=args.stop_after, check_data_only=args.check_data, quiet=args.quiet,
+        max_pixels=args.max_pixels or None,
         args=vars(args))
 
 
@@ -164,13 +172,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.gpu and "," in str(args.gpu):
         print(f"note: --gpu {args.gpu}: one process uses the first; for several GPUs launch "
               "torchrun --nproc-per-node N train.py ...", file=sys.stderr)
-    from schp.training.trainer import train
-    with show_training_log():
+    from schp.runs.loop import stop_signals_as_interrupt
+    from schp.training.trainer import LAST, train
+    with show_training_log(), stop_signals_as_interrupt():  # SIGTERM and SIGHUP stop it as Ctrl-C does
         try:
             return train(config)
         except KeyboardInterrupt:
-            print(f"interrupted; continue with --resume (from {Path(args.log_dir) / 'last.pth.tar'}, the last "
-                  "finished epoch)", file=sys.stderr)
+            last = Path(args.log_dir) / LAST
+            if last.is_file():
+                print(f"interrupted; continue with --resume (from {last}, the last finished epoch)", file=sys.stderr)
+            else:
+                print("interrupted before the first epoch finished; nothing to resume", file=sys.stderr)
             return EXIT_INTERRUPTED
 
 

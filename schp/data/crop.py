@@ -1,7 +1,7 @@
 """Decoded images to network-ready crops: the affine crop of SCHP's extractor, in DataLoader workers."""
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -46,26 +46,31 @@ class SimpleFolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Prepared:
-        # Any failure here is this input's alone: it travels back as the reason, never as an exception
-        # that would end the DataLoader (and with it the run).
-        try:
-            image = read_image(self.paths[index], self.max_pixels)
-        except ImageError as err:
-            return Prepared(index, None, error=str(err))
-        except MemoryError:
-            return Prepared(index, None, error="out of memory while decoding")
-        except Exception as err:
-            return Prepared(index, None, error=f"cannot decode: {describe_exception(err)}")
-        # a numpy array travels from the worker through a pipe; a tensor would need /dev/shm, which
-        # is small in containers and fails with a hang rather than an error when full
-        try:
-            return prepare_image(index, image, self.input_size)
-        except MemoryError:
-            return Prepared(index, None, width=image.shape[1], height=image.shape[0],
-                            error="out of memory while cropping")
-        except Exception as err:
-            return Prepared(index, None, width=image.shape[1], height=image.shape[0],
-                            error=f"cannot crop: {describe_exception(err)}")
+        return decode_and_crop(index, lambda: read_image(self.paths[index], self.max_pixels), self.input_size)
+
+
+def decode_and_crop(index: int, load: Callable[[], np.ndarray], input_size: Tuple[int, int]) -> Prepared:
+    """`load()` (the decoded BGR pixels: read_image of a file, decode_image of an object's bytes),
+    then the crop; what fails is this input's alone and travels back as the reason."""
+    # never as an exception that would end the DataLoader (and with it the run)
+    try:
+        image = load()
+    except ImageError as err:
+        return Prepared(index, None, error=str(err))
+    except MemoryError:
+        return Prepared(index, None, error="out of memory while decoding")
+    except Exception as err:
+        return Prepared(index, None, error=f"cannot decode: {describe_exception(err)}")
+    # a numpy array travels from the worker through a pipe; a tensor would need /dev/shm, which
+    # is small in containers and fails with a hang rather than an error when full
+    try:
+        return prepare_image(index, image, input_size)
+    except MemoryError:
+        return Prepared(index, None, width=image.shape[1], height=image.shape[0],
+                        error="out of memory while cropping")
+    except Exception as err:
+        return Prepared(index, None, width=image.shape[1], height=image.shape[0],
+                        error=f"cannot crop: {describe_exception(err)}")
 
 
 def collate_prepared(items: List[Prepared]) -> List[Prepared]:

@@ -191,10 +191,19 @@ def check_image_file(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS)
     problem = size and size_problem(*size, max_pixels)
     if problem:
         raise ImageError(problem)
-    if max_pixels and bytes_ > MAX_BYTES_PER_PIXEL * max_pixels + (64 << 20):
-        raise ImageError(f"file of {bytes_ / 2**30:.1f} GiB is larger than any image within --max-pixels "
-                         f"{max_pixels} can be; raise it to parse this file")
+    problem = file_size_problem(bytes_, max_pixels)
+    if problem:
+        raise ImageError(problem)
     return size
+
+
+def file_size_problem(bytes_: int, max_pixels: Optional[int]) -> Optional[str]:
+    """Why a file of this many bytes is refused unread (larger than any image within `max_pixels`
+    can be), or None; for files and for objects of a store alike."""
+    if max_pixels and bytes_ > MAX_BYTES_PER_PIXEL * max_pixels + (64 << 20):
+        return (f"file of {bytes_ / 2**30:.1f} GiB is larger than any image within --max-pixels "
+                f"{max_pixels} can be; raise it to parse this file")
+    return None
 
 
 @contextmanager

@@ -264,6 +264,18 @@ class PSPModule(nn.Module):
             InPlaceABN(out_features))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        # On the CPU, oneDNN picks other kernels for the 1x1 convolutions on the pooled 1x1..6x6 maps
+        # when they hold N samples instead of one, which moved logits by up to 3e-5 and flipped pixels
+        # at near-ties between batch sizes. One sample at a time (the same operations in N calls)
+        # makes a batch's maps equal, bit for bit, those of one image per forward pass. A traced or
+        # exported graph keeps the batched form (its runtime chooses its own kernels anyway), and so
+        # does training, whose batch norm takes its statistics over the whole batch.
+        if (feats.shape[0] > 1 and not self.training and feats.device.type == "cpu"
+                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
+            return torch.cat([self._forward(feats[i:i + 1]) for i in range(feats.shape[0])])
+        return self._forward(feats)
+
+    def _forward(self, feats: torch.Tensor) -> torch.Tensor:
         # = self.bottleneck(torch.cat([upsample_like(stage(feats), size) for stage in stages] + [feats]))
         conv, size = self.bottleneck[0], feats.shape[2:]
         priors = conv.weight.shape[1] - feats.shape[1]

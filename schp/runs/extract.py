@@ -135,7 +135,6 @@ def check_summary(summary: Optional[PathLike]) -> None:
 
 def plan_folder(input_dir: PathLike, output_dir: PathLike, options: ExtractOptions) -> Plan:
     from schp.data.listing import list_images
-    from schp.runs.tasks import ImageTask, is_video_name, video_task
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
@@ -144,6 +143,16 @@ def plan_folder(input_dir: PathLike, output_dir: PathLike, options: ExtractOptio
         raise SetupError("{output_dir} must differ from {input_dir} (outputs would be taken for inputs)",
                          mentions={"output_dir": ..., "input_dir": ...})
     images, others = list_images(input_dir, options.recursive, exclude=output_dir)
+    tasks, notes, others = folder_tasks(input_dir, output_dir, images, others, options)
+    return Plan("folder", tasks, notes, [input_dir / o for o in others])
+
+
+def folder_tasks(input_dir, output_dir, images: list, others: list, options: ExtractOptions):
+    """(tasks, notes, non-image files) of a listed folder: the output names, and the refusal of two
+    inputs that would write the same outputs. `input_dir` / `output_dir` are Paths, or any root
+    with Path's `/` (the Ray engine's object URLs)."""
+    from schp.runs.tasks import ImageTask, is_video_name, video_task
+
     videos = [o for o in others if is_video_name(o.name)]  # frame by frame
     others = [o for o in others if not is_video_name(o.name)]
     notes = not_image_notes([input_dir / o for o in others], options.quiet, options.summary)
@@ -161,7 +170,7 @@ def plan_folder(input_dir: PathLike, output_dir: PathLike, options: ExtractOptio
             task.refusal = f"its outputs would overwrite those of {owner[stem].source}; rename one of them"
         owner.setdefault(stem, task)
         tasks.append(task)
-    return Plan("folder", tasks, notes, [input_dir / o for o in others])
+    return tasks, notes, others
 
 
 def plan_integratedpifu(root: PathLike, output_dir: Optional[PathLike], options: ExtractOptions, spec) -> Plan:
@@ -299,14 +308,13 @@ class Extraction:
     ranks: Any = None
     started: float = field(default_factory=time.time)
 
-    def run(self, reporter: Optional[Reporter] = None) -> RunReport:
-        """Load the model if anything is left to compute, run every task, write the manifest."""
-        from schp.errors import SCHPError, describe_exception
-        from schp.runs.loop import Outcome, run
+    def set_up(self, reporter: Reporter):
+        """(job, parser, checkpoint): the output folders checked, the model loaded if anything is left
+        to compute, the job of the run loop; a failure before the first input is a SetupError."""
+        from schp.errors import SCHPError
         from schp.runs.parsing import ParseJob
         from schp.utils.palette import get_palette
 
-        reporter = reporter or Reporter()
         o, created = self.options, []
         try:
             for folder in sorted({p.parent for task in self.plan.tasks for p in task.outputs}):
@@ -329,6 +337,20 @@ class Extraction:
         job = ParseJob(parser, get_palette(self.spec.num_classes), o.batch_size, o.num_workers,
                        max_pixels=o.max_pixels or None, label_map=self.label_map, overwrite=o.overwrite,
                        reporter=reporter)
+        return job, parser, checkpoint
+
+    def manifest_extra(self, job) -> Optional[Dict[str, Any]]:
+        """Facts of the run's engine for the manifest (the Ray engine's cluster and actors)."""
+        return None
+
+    def run(self, reporter: Optional[Reporter] = None) -> RunReport:
+        """Load the model if anything is left to compute, run every task, write the manifest."""
+        from schp.errors import describe_exception
+        from schp.runs.loop import Outcome, run
+
+        reporter = reporter or Reporter()
+        o = self.options
+        job, parser, checkpoint = self.set_up(reporter)
         try:
             report = run(job, self.plan.tasks, overwrite=o.overwrite, reporter=reporter)
         except (KeyboardInterrupt, Exception) as err:  # last resort: the run's own handling was bypassed
@@ -338,7 +360,7 @@ class Extraction:
             report = RunReport([Outcome(task, "not-run") for task in self.plan.tasks], interrupted=interrupted,
                                stopped_reason=None if interrupted else "unexpected error",
                                seconds=time.time() - self.started)
-        extra = None
+        extra = self.manifest_extra(job)
         if self.ranks:
             from schp.distributed import gather_report
             report, devices = gather_report(self.ranks, report, parser)  # every rank's outcomes, in order
@@ -377,10 +399,10 @@ def setup_message(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         where = f"{err.filename}: " if err.filename else ""
         return f"{where}{err.strerror}"
-    text = str(err).strip().splitlines()
     from schp.errors import SCHPError
     if isinstance(err, SCHPError):
         return str(err)
+    text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 

@@ -168,6 +168,7 @@ class Unit:
     height: int = 0
     last: bool = True
     compute: bool = True  # False: nothing to run through the network (e.g. a frame parsed before)
+    source: Optional[str] = None  # the file an error names, where it is not the task's (a ground truth)
 
 
 class Job:
@@ -223,6 +224,7 @@ def inference_failure(err: BaseException) -> str:
 class _State:
     """A task in progress: what its units have given so far."""
     error: Optional[str] = None
+    source: Optional[str] = None  # the file the error names, where it is not the task's
     width: int = 0
     height: int = 0
     seconds: float = 0.0
@@ -250,9 +252,10 @@ def run(job: Job, tasks: Sequence, overwrite: bool = False, reporter: Optional[R
     bar = reporter.bar(total=len(tasks), initial=len(outcomes), unit="img")
     states: Dict[int, _State] = {}
 
-    def fail(i: int, task, reason: str, width: int = 0, height: int = 0) -> None:
-        outcomes[i] = Outcome(task, "failed", reason, width, height)
-        reporter.line(f"error: {task.source}: {reason}")
+    def fail(i: int, task, reason: str, width: int = 0, height: int = 0, source: Optional[str] = None) -> None:
+        """`source`: the file at fault where it is not the task's (kept in the outcome's details)."""
+        outcomes[i] = Outcome(task, "failed", reason, width, height, details={"source": source} if source else {})
+        reporter.line(f"error: {source or task.source}: {reason}")
         bar.update(1)
 
     def end(k: int) -> None:
@@ -265,7 +268,7 @@ def run(job: Job, tasks: Sequence, overwrite: bool = False, reporter: Optional[R
             state.error = state.error or describe_error(err)
             note_fatal(err)
         if state.error is not None:
-            fail(i, task, state.error, state.width, state.height)
+            fail(i, task, state.error, state.width, state.height, state.source)
         else:
             outcomes[i] = Outcome(task, "processed", None, state.width, state.height, state.seconds, state.details)
             bar.update(1)
@@ -348,7 +351,7 @@ def run(job: Job, tasks: Sequence, overwrite: bool = False, reporter: Optional[R
             state = states.setdefault(unit.index, _State())
             state.width, state.height = unit.width or state.width, unit.height or state.height
             if unit.error is not None and state.error is None:
-                state.error = unit.error
+                state.error, state.source = unit.error, unit.source
             if state.error is not None or not unit.compute:
                 if batch:  # keep the stream's order: what is queued before goes first
                     submit(batch, t0)

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from schp.data.catalog import DatasetSpec
+from schp.data.decode import DEFAULT_MAX_PIXELS
 from schp.errors import EXIT_SETUP, SCHPError
 
 
@@ -49,5 +50,6 @@ class TrainConfig:
     resume: Optional[Path] = None
     stop_after: Optional[int] = None
     check_data_only: bool = False
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS  # images and labels declaring more are refused
     quiet: bool = False
     args: Dict = field(default_factory=dict)  # the command line, stored in args.json and last.pth.tar
