@@ -8,7 +8,7 @@ On a machine with CUDA, into one folder (--out, JSON and a text summary):
   demo case (>= 99.99% of pixels, as on the CPU); bf16 and fp16 on CUDA against it (reported, and
   held to the CPU bf16 test's 0.85); the extractor's command line on CUDA against the same case; and,
   with --torchrun, the extractor under torchrun with every GPU (NCCL) against a one-process run:
-  byte-identical outputs;
+  the same files, maps equal on >= 99.99% of pixels;
 * throughput: images/s end to end (the command line, decode and PNG writing included) at batch 1, 8
   and 32 in fp32, bf16 and fp16, and of the model alone (normalised crops in, crop logits out, timed
   with CUDA synchronisation), on synthetic render-like 1024 x 1024 images and a synthetic checkpoint.
@@ -142,12 +142,24 @@ def check_cli_and_torchrun(checkpoint, work, gpus, torchrun, lines):
            str(ROOT / "simple_extractor.py")] + base[2:] + ["--input-dir", str(inputs), "--output-dir",
                                                             str(work / "many"), "--summary", str(work / "many.json")]
     code2, out2 = run(cmd, 300, env)
-    same = code1 == 0 and code2 == 0 and files(work / "one") == files(work / "many")
+    # the same files with the same maps; thread counts (CPU) or kernels (per GPU) may move float rounding,
+    # so the maps are held to the fidelity bar (>= 99.99% of pixels), not to identical bytes
+    one, many = files(work / "one"), files(work / "many")
+    agreement = 0.0
+    if code1 == 0 and code2 == 0 and one and one.keys() == many.keys():
+        import io
+        equal = total = 0
+        for name in one:
+            a_map = np.array(Image.open(io.BytesIO(one[name])))
+            b_map = np.array(Image.open(io.BytesIO(many[name])))
+            equal, total = equal + int((a_map == b_map).sum()), total + a_map.size
+        agreement = equal / total
+    same = agreement >= 0.9999
     devices = json.loads((work / "many.json").read_text()).get("devices") if (work / "many.json").is_file() else None
-    results["torchrun"] = {"gpus": gpus, "exit_one": code1, "exit_torchrun": code2, "identical_outputs": same,
+    results["torchrun"] = {"gpus": gpus, "exit_one": code1, "exit_torchrun": code2, "pixel_agreement": agreement,
                            "devices": devices, "ok": same}
     over = "NCCL" if DEVICE == "cuda" else "gloo"
-    log(f"  torchrun --nproc-per-node {gpus} ({over}): exit {code2}, outputs identical to one process: {same}; "
+    log(f"  torchrun --nproc-per-node {gpus} ({over}): exit {code2}, maps = one process on {100 * agreement:.4f}% of pixels; "
         f"devices {devices}" + ("" if same else f"\n    {out1.strip()[-300:]}\n    {out2.strip()[-300:]}"), lines)
     return results
 

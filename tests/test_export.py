@@ -254,3 +254,22 @@ def test_auto_backend_is_the_fastest_installed_on_the_cpu_and_torch_elsewhere(mo
     assert resolve_backend("auto", CPU) == "onnxruntime"
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert resolve_backend("auto", CPU) == "torch"
+
+
+def test_auto_exports_only_for_a_job_that_repays_it_or_uses_the_cached_file(checkpoints, tmp_path, monkeypatch):
+    from schp.backends import AUTO_EXPORT_MIN_FORWARDS, export_path, export_repays
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SCHP_CACHE_DIR", str(cache))
+    spec, state = DATASETS["pascal"], read_state_dict(checkpoints("pascal"))
+    need = AUTO_EXPORT_MIN_FORWARDS["fp32"]
+    assert not export_repays(spec, state, "fp32", cache, need - 1)
+    assert export_repays(spec, state, "fp32", cache, need)
+    assert export_repays(spec, state, "fp32", cache, None)  # a job of unknown length counts as long
+    # a short job with flips and scales: images x 2 x scales forward passes
+    parser = HumanParser(spec, state, CPU, backend="auto", expected_images=1, flip=True, scales=(0.75, 1.0))
+    assert parser.backend == "torch" and parser.model is not None and not cache.joinpath("exports").exists()
+    path = export_path(spec, state, cache)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")  # where the cached export would be: then any job length takes the runtime
+    assert export_repays(spec, state, "fp32", cache, 1)
