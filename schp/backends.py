@@ -32,13 +32,14 @@ GRAPH_REVISION = 2
 # end to end by benchmarks/throughput.py (docs/performance.md). ONNX Runtime has no bf16 convolution; bf16
 # is taken off torch only on CPUs with bf16 units (elsewhere OpenVINO would compute in fp32 anyway).
 AUTO_ORDER = {"fp32": ("openvino", "onnxruntime", "torch"), "bf16": ("openvino", "torch")}
-# "auto" exports an ONNX file that is not in the cache yet only for a job of at least this many forward
-# passes (crops x flips x scales; None = not known, e.g. a service: long); a shorter job runs on torch, so
-# its first map comes as early as torch's. 100 is the break-even on the idle 2-core development machine
-# (export about 16 s, OpenVINO 0.15 s per image faster than torch); with other jobs on the cores the
-# export repays sooner (86 s against 8.2 s per image: 11 images), so 100 errs towards torch. Measured by
-# `benchmarks/throughput.py --first-map`, which prints the break-even of the machine it runs on.
-AUTO_EXPORT_MIN_FORWARDS = {"fp32": 100, "bf16": 100}
+# "auto" takes a runtime only for a job that repays its one-time costs (forward passes = crops x flips x
+# scales; None = not known, e.g. a service: long); a shorter job runs on torch, so its first map comes as
+# early as torch's. Measured on the idle 2-core development machine (benchmarks/throughput.py --first-map,
+# which prints the break-even of the machine it runs on): the export costs about 31 s and OpenVINO then
+# saves 0.24 s per image, a break-even of 132 images; loading and compiling a cached file costs about 3 s
+# more than torch's start, a break-even of about 12 images.
+AUTO_EXPORT_MIN_FORWARDS = {"fp32": 150, "bf16": 150}  # the file is not cached yet: export first
+AUTO_CACHED_MIN_FORWARDS = 20  # the file is cached
 PACKAGES = {"onnxruntime": ("onnxruntime", "onnxscript"), "openvino": ("openvino", "onnxscript")}
 log = logging.getLogger(__name__)
 
@@ -208,8 +209,9 @@ def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dic
     if backend == "torch":
         return backend, None
     if name == "auto" and not export_repays(spec, state_dict, precision, cache_dir, forwards):
-        log.info("running the network with torch: %s forward passes repay no export for %s (from %d; "
-                 "--backend %s exports it)", forwards, backend, AUTO_EXPORT_MIN_FORWARDS[precision], backend)
+        log.info("running the network with torch: %s forward passes do not repay %s's set-up (from %d, or %d "
+                 "with its file cached)", forwards, backend, AUTO_EXPORT_MIN_FORWARDS[precision],
+                 AUTO_CACHED_MIN_FORWARDS)
         return "torch", None
     try:
         return backend, make_runner(backend, spec, state_dict, precision, cache_dir, quiet)
@@ -223,10 +225,12 @@ def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dic
 
 def export_repays(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precision: str,
                   cache_dir: Optional[Path], forwards: Optional[int]) -> bool:
-    """Whether 'auto' should use a runtime backend: its file is cached, or the job is long enough that
-    the one-time export costs less than the runtime saves."""
+    """Whether 'auto' should use a runtime backend: the job is long enough that the runtime saves more
+    than its one-time costs (the export unless cached, and loading the file)."""
     if forwards is None or forwards >= AUTO_EXPORT_MIN_FORWARDS.get(precision, 0):
         return True
+    if forwards < AUTO_CACHED_MIN_FORWARDS:
+        return False
     path = export_path(spec, state_dict, cache_dir)
     return path is not None and path.is_file()
 
