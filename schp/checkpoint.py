@@ -359,7 +359,9 @@ def write_checkpoint(obj: Dict, path: Path) -> None:
 
     Written through a Python file, so a full disk is an OSError (ENOSPC, raised again as itself when
     torch's zip writer then fails on closing); given a path, torch's own writer reports it only as an
-    opaque RuntimeError ("unexpected pos ...")."""
+    opaque RuntimeError ("unexpected pos ..."). A stop signal in the middle (Ctrl-C, or SIGTERM as
+    KeyboardInterrupt) meets the same closing failure, and is raised again as the KeyboardInterrupt it
+    is; either way the temporary is removed."""
     from schp.utils.outputs import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -367,10 +369,12 @@ def write_checkpoint(obj: Dict, path: Path) -> None:
             torch.save(obj, f)
         except RuntimeError as err:
             cause = err.__context__
-            while cause is not None and not isinstance(cause, OSError):
+            while cause is not None and not isinstance(cause, (OSError, KeyboardInterrupt)):
                 cause = cause.__context__
             if cause is None:
                 raise
+            if isinstance(cause, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
             raise cause from None
 
 
