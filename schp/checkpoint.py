@@ -359,23 +359,25 @@ def write_checkpoint(obj: Dict, path: Path) -> None:
 
     Written through a Python file, so a full disk is an OSError (ENOSPC, raised again as itself when
     torch's zip writer then fails on closing); given a path, torch's own writer reports it only as an
-    opaque RuntimeError ("unexpected pos ..."). A stop signal in the middle (Ctrl-C, or SIGTERM as
-    KeyboardInterrupt) meets the same closing failure, and is raised again as the KeyboardInterrupt it
-    is; either way the temporary is removed."""
+    opaque RuntimeError ("unexpected pos ..."). Stop signals (Ctrl-C, SIGTERM, SIGHUP) wait while the
+    file is written: an interrupt raised inside torch's writer would reach its C++ code mid-record.
+    One that arrived meanwhile is raised as KeyboardInterrupt once the file is complete."""
+    from schp.runs.loop import stop_signals_held
     from schp.utils.outputs import atomic_path
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        try:
-            torch.save(obj, f)
-        except RuntimeError as err:
-            cause = err.__context__
-            while cause is not None and not isinstance(cause, (OSError, KeyboardInterrupt)):
-                cause = cause.__context__
-            if cause is None:
-                raise
-            if isinstance(cause, KeyboardInterrupt):
-                raise KeyboardInterrupt from None
-            raise cause from None
+    with stop_signals_held() as held:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError as err:
+                cause = err.__context__
+                while cause is not None and not isinstance(cause, OSError):
+                    cause = cause.__context__
+                if cause is None:
+                    raise
+                raise cause from None
+    if held.received:
+        raise KeyboardInterrupt
 
 
 def write_model_checkpoint(path: Path, facts: Dict, **fields) -> None:

@@ -439,9 +439,9 @@ def start_ranks(ranks, options: ExtractOptions, parser) -> None:
         raise SetupError(f"torchrun: cannot join the other processes: {str(err).splitlines()[0]}") from None
 
 
-def prepare_extraction(input_dir: Optional[PathLike] = None, output_dir: Optional[PathLike] = None, *,
-                       integratedpifu_dir: Optional[PathLike] = None, **options) -> Extraction:
-    """Check the options and plan the run (no model is loaded): the dry run's and the run's first step."""
+def checked_options(options: Dict[str, Any]):
+    """(ExtractOptions, dataset spec, label map) from keyword options, each checked: what every engine's
+    planning starts from."""
     names = {f.name for f in fields(ExtractOptions)}
     unknown = sorted(set(options) - names)
     if unknown:
@@ -450,7 +450,13 @@ def prepare_extraction(input_dir: Optional[PathLike] = None, output_dir: Optiona
     o.check()
     spec = dataset_spec(o.dataset, o.checkpoint)
     from schp.data.label_map import resolve_label_map
-    label_map = resolve_label_map(o.label_map, spec.labels)
+    return o, spec, resolve_label_map(o.label_map, spec.labels)
+
+
+def prepare_extraction(input_dir: Optional[PathLike] = None, output_dir: Optional[PathLike] = None, *,
+                       integratedpifu_dir: Optional[PathLike] = None, **options) -> Extraction:
+    """Check the options and plan the run (no model is loaded): the dry run's and the run's first step."""
+    o, spec, label_map = checked_options(options)
     check_output_dir(output_dir)
     check_summary(o.summary)
     ranks = torchrun_ranks()

@@ -160,18 +160,8 @@ def prepare_ray_extraction(input_dir: PathLike, output_dir: PathLike, *, ray_add
     import importlib.util
     if importlib.util.find_spec("ray") is None:  # said before any work, not when the first input is due
         require_ray()
-    from dataclasses import fields
-
-    from schp.data.label_map import resolve_label_map
-    from schp.runs.extract import check_output_dir, check_summary, dataset_spec
-    names = {f.name for f in fields(ExtractOptions)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise TypeError(f"unknown option(s): {', '.join(unknown)}")
-    o = ExtractOptions(**options)
-    o.check()
-    spec = dataset_spec(o.dataset, o.checkpoint)
-    label_map = resolve_label_map(o.label_map, spec.labels)
+    from schp.runs.extract import check_output_dir, check_summary, checked_options
+    o, spec, label_map = checked_options(options)
     if input_dir is None or output_dir is None:
         raise SetupError("folder mode needs {input_dir} and {output_dir}",
                          mentions={"input_dir": ..., "output_dir": ...})
