@@ -51,7 +51,7 @@ Rerun (from the repository root; takes several minutes on 2 cores with the defau
 Two studies run on their own (docs/performance.md):
 
     python benchmarks/throughput.py --first-map --out first_map.json   # time to first map, auto vs torch
-    python benchmarks/throughput.py --limits --images 6 --out limits.json  # fp32/bf16 against the conv limit
+    python benchmarks/throughput.py --limits --images 24 --out limits.json  # fp32/bf16 against the conv limit
 
 A config string is passed to the CLI as-is (shell-split); a leading bare fp32/bf16/fp16 is short for
 ``--precision fp32`` etc. Exit status: 0 if every run succeeded, 1 if any failed, 2 on a setup error.
@@ -1096,6 +1096,11 @@ def run_studies(a, work):
         checkpoint = work / f"synthetic-{a.dataset}.pth"
         make_checkpoint(checkpoint, a.dataset)
     if a.limits:
+        sys.path.insert(0, str(ROOT))
+        from schp.backends import AUTO_CACHED_MIN_FORWARDS
+        if a.images < AUTO_CACHED_MIN_FORWARDS:  # shorter jobs run on torch by design (start-up)
+            print(f"note: --images {a.images} is shorter than the {AUTO_CACHED_MIN_FORWARDS} forward passes from which "
+                  "`auto` takes a runtime: its rows show the short-job choice (torch)", flush=True)
         images = make_images(work / "images", a.images)
         results["limits"] = limits_study(a, work, checkpoint, work / "images", images, [p.name for p in images])
     if a.first_map:
