@@ -151,25 +151,31 @@ def matmul_rate(dtype=torch.float32, seconds=3.0, n=2048):
             "calls": len(times)}
 
 
+def lone_conv_rate(channels, side, dtype=torch.float32, seconds=3.0, min_calls=3):
+    """Best-of (and median) GFLOP/s of a lone 3x3 `channels`->`channels` convolution on `side` x `side`,
+    channels-last (oneDNN's path), in `dtype`, over about `seconds` after three warm-up calls."""
+    x = torch.randn(1, channels, side, side).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(channels, channels, 3, 3) * 0.02).to(dtype).contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.nn.functional.conv2d(x, w, padding=1)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < min_calls:
+            t0 = time.perf_counter()
+            torch.nn.functional.conv2d(x, w, padding=1)
+            times.append(time.perf_counter() - t0)
+    flop = 2.0 * channels * channels * 9 * side * side
+    return {"best_gflops": flop / min(times) / 1e9, "median_gflops": flop / statistics.median(times) / 1e9,
+            "calls": len(times)}
+
+
 def conv_rate(seconds=3.0):
     """Best-of fp32 GFLOP/s of a 3x3 256->256 convolution on 128x128, channels-last (oneDNN's path).
 
     torch.mm goes through MKL, which may run below what oneDNN's convolutions reach on the same cores
     (on AMD CPUs MKL does not take its AVX-512 path), so the matmul floor can be no floor at all."""
-    x = torch.randn(1, 256, 128, 128).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
-    times = []
-    with torch.no_grad():
-        for _ in range(2):
-            torch.nn.functional.conv2d(x, w, padding=1)
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end or len(times) < 3:
-            t0 = time.perf_counter()
-            torch.nn.functional.conv2d(x, w, padding=1)
-            times.append(time.perf_counter() - t0)
-    flop = 2.0 * 256 * 256 * 9 * 128 * 128
-    return {"best_gflops": flop / min(times) / 1e9, "median_gflops": flop / statistics.median(times) / 1e9,
-            "calls": len(times)}
+    return lone_conv_rate(256, 128, seconds=seconds)
 
 
 def cpu_snapshot():
@@ -613,19 +619,7 @@ def first_map_study(a, work, checkpoint):
 # ----------------------------------------------------------------------------- limits and host path
 def conv_rate_512(dtype, seconds=3.0):
     """Best-of GFLOP/s of a lone 3x3 512->512 convolution at 64x64, channels-last (oneDNN), in `dtype`."""
-    x = torch.randn(1, 512, 64, 64).to(dtype).contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(512, 512, 3, 3) * 0.02).to(dtype).contiguous(memory_format=torch.channels_last)
-    times = []
-    with torch.inference_mode():
-        for _ in range(3):
-            torch.nn.functional.conv2d(x, w, padding=1)
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end or len(times) < 5:
-            t0 = time.perf_counter()
-            torch.nn.functional.conv2d(x, w, padding=1)
-            times.append(time.perf_counter() - t0)
-    flop = 2.0 * 512 * 512 * 9 * 64 * 64
-    return {"best_gflops": flop / min(times) / 1e9, "median_gflops": flop / statistics.median(times) / 1e9}
+    return lone_conv_rate(512, 64, dtype, seconds, min_calls=5)
 
 
 def host_path_costs(image_path, checkpoint, dataset, out_dir, repeats=5):
