@@ -11,7 +11,6 @@ are the mean over `--rounds` images after one warm-up request per configuration.
 """
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,9 +20,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from schp.data.catalog import DATASETS  # noqa: E402  (no torch: --help stays fast)
 
-CONFIGS = {  # name -> (OpenVINO CPU properties, requests in flight)
-    "latency (as --backend openvino)": ({"PERFORMANCE_HINT": "LATENCY"}, 1),
+CONFIGS = {  # name -> (OpenVINO CPU properties over those --backend openvino compiles with, requests in flight)
+    "latency (as --backend openvino)": ({}, 1),
     "throughput, 2 streams, 2 requests": ({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": 2}, 2),
 }
 
@@ -31,31 +31,29 @@ CONFIGS = {  # name -> (OpenVINO CPU properties, requests in flight)
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=8, help="images timed per configuration (even)")
-    p.add_argument("--dataset", default="pascal", choices=["atr", "lip", "pascal"])
+    p.add_argument("--dataset", default="pascal", choices=sorted(DATASETS))
     a = p.parse_args()
     import openvino as ov
     import torch
-    from schp.backends import cached_onnx
+    from schp.backends import OpenVinoRunner, cached_onnx
     from schp.checkpoint import read_state_dict
-    from schp.data.catalog import DATASETS
+    from throughput import make_checkpoint
 
     spec = DATASETS[a.dataset]
     with tempfile.TemporaryDirectory(prefix="schp-ovcfg-") as tmp:
         ckpt = Path(tmp) / "synthetic.pth"
-        subprocess.run([sys.executable, str(ROOT / "tests" / "data" / "synth_checkpoint.py"), str(ckpt),
-                        "--dataset", a.dataset], check=True, capture_output=True)
+        make_checkpoint(ckpt, a.dataset)
         path = cached_onnx(spec, read_state_dict(ckpt), Path(tmp) / "cache", True)
         h, w = spec.input_size
         x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
-        core = ov.Core()
         print(f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, OpenVINO {ov.__version__}, "
               f"{a.dataset} {h}x{w}, {a.rounds} images per row")
-        for precision in ("f32", "bf16"):
+        for precision in ("fp32", "bf16"):
+            runner = OpenVinoRunner(path, precision)  # its model and compile properties, as the run uses them
             for name, (props, in_flight) in CONFIGS.items():
-                model = core.read_model(str(path))
+                model = runner.model.clone()
                 model.reshape([1, 3, h, w])
-                compiled = core.compile_model(model, "CPU", dict(props, INFERENCE_PRECISION_HINT=precision,
-                                                                 INFERENCE_NUM_THREADS=torch.get_num_threads()))
+                compiled = runner.core.compile_model(model, "CPU", dict(runner.config, **props))
                 requests = [compiled.create_infer_request() for _ in range(in_flight)]
                 for r in requests:
                     r.infer({0: x})
