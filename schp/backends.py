@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from schp.choices import BACKENDS, DEFAULT_BACKEND  # noqa: F401  (re-exported)
 from schp.data.catalog import DatasetSpec
-from schp.errors import ParameterError, SCHPWarning
+from schp.errors import ParameterError
 from schp.utils.cpu import native_bf16
 
 if TYPE_CHECKING:  # torch is imported where it is used: `--help` and `--legend` stay quick
@@ -120,8 +119,6 @@ def export_path(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_di
 def cached_onnx(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_dir: Optional[Path],
                 quiet: bool = False) -> Path:
     """The verified raw ONNX export (dynamic N, H, W) of this checkpoint, exported on first use."""
-    from schp.export import DEFAULT_OPSET, ExportError, export
-
     path = export_path(spec, state_dict, cache_dir)
     if path is None:
         raise BackendError("the checkpoint cache is disabled (SCHP_CACHE_DIR is empty)")
@@ -129,13 +126,20 @@ def cached_onnx(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_di
         return path
     if not quiet:
         log.info("exporting the %s network to %s (once per checkpoint; takes a while)", spec.name, path)
+    export_for_runtimes(spec, state_dict, path)
+    return path
+
+
+def export_for_runtimes(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], path: Path) -> None:
+    """Export and verify the raw ONNX file the runtimes load (dynamic N, H, W) to `path`, atomically."""
+    from schp.export import DEFAULT_OPSET, ExportError, export
+
     try:
         export(spec, state_dict, path, "onnx", DEFAULT_OPSET, dynamic_batch=True, dynamic_size=True)
     except ExportError as err:
         raise BackendError(str(err)) from None
     except OSError as err:
         raise BackendError(f"cannot write the exported network to {path.parent}: {err.strerror or err}") from None
-    return path
 
 
 class OnnxRuntimeRunner:
@@ -153,6 +157,9 @@ class OnnxRuntimeRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = INPUT_NAME
+
+    def prepare(self, shape) -> None:
+        """Nothing to do per input shape: the session takes any."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch
@@ -187,6 +194,10 @@ class OpenVinoRunner:
             self.compiled[shape] = (compiled.create_infer_request(), compiled.output("fusion"))
         return self.compiled[shape]
 
+    def prepare(self, shape) -> None:
+        """Compile for input `shape` now (otherwise the first call of that shape does)."""
+        self._compiled(tuple(shape))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch
 
@@ -199,28 +210,24 @@ class OpenVinoRunner:
 def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor],
                    precision: str = "fp32", cache_dir: Optional[Path] = None, quiet: bool = False,
                    forwards: Optional[int] = None):
-    """(backend name, runner or None for torch) for `--backend name`.
+    """(backend name, runner or None for torch, runtime to prepare beside torch or None) for `--backend name`.
 
-    An explicit backend that cannot run raises BackendError; 'auto' falls back to torch with a note.
-    'auto' also stays on torch when the runtime's file is not cached yet and the job is too short
-    (`forwards`, the forward passes it will make; None = unknown, taken as long) to repay exporting it.
+    An explicit backend that cannot run raises BackendError, and is made ready before this returns.
+    'auto' never waits for a runtime: it runs torch, and for a job long enough to repay the runtime's
+    one-time costs (`forwards`, the forward passes it will make; None = unknown, taken as long) also
+    names the runtime to prepare beside it (schp.background_runtime), which the parser switches to.
     """
     backend = resolve_backend(name, device, precision)
     if backend == "torch":
-        return backend, None
-    if name == "auto" and not export_repays(spec, state_dict, precision, cache_dir, forwards):
-        log.info("running the network with torch: %s forward passes do not repay %s's set-up (from %d, or %d "
-                 "with its file cached)", forwards, backend, AUTO_EXPORT_MIN_FORWARDS[precision],
-                 AUTO_CACHED_MIN_FORWARDS)
-        return "torch", None
-    try:
-        return backend, make_runner(backend, spec, state_dict, precision, cache_dir, quiet)
-    except BackendError as err:
-        if name != "auto":
-            raise
-        warnings.warn(SCHPWarning(f"{backend} unusable ({err.reason if isinstance(err, BackendError) else err}); "
-                                  "running the network with torch", "backend", name), stacklevel=2)
-        return "torch", None
+        return backend, None, None
+    if name == "auto":
+        if not export_repays(spec, state_dict, precision, cache_dir, forwards):
+            log.info("running the network with torch: %s forward passes do not repay %s's set-up (from %d, or %d "
+                     "with its file cached)", forwards, backend, AUTO_EXPORT_MIN_FORWARDS[precision],
+                     AUTO_CACHED_MIN_FORWARDS)
+            return "torch", None, None
+        return "torch", None, backend
+    return backend, make_runner(backend, spec, state_dict, precision, cache_dir, quiet), None
 
 
 def export_repays(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precision: str,

@@ -6,6 +6,7 @@ space as the released evaluator does), upsampling, and the inverse warp with arg
 HumanParser.logits, so they all compute the same thing. Speed comes from folding InPlace-ABN into the
 convolutions, the channels-last layout and batching; results stay those of the released code in fp32.
 """
+import logging
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,6 +24,7 @@ from schp.networks import build_ce2p, fold_abn
 from schp.utils.cpu import BF16_CPU_FLAGS, cpu_flags  # noqa: F401  (re-exported)
 from schp.utils.transforms import MEAN_BGR, STD_BGR, output_to_input_map, row_bands, warp_argmax_torch, warp_channel_rows
 
+log = logging.getLogger(__name__)
 BAND_BYTES = 32 << 20  # inverse warp in row bands of at most this many bytes of float logits
 
 
@@ -114,11 +116,21 @@ class HumanParser:
             torch.backends.cuda.matmul.allow_tf32 = allow_tf32
             torch.backends.cudnn.allow_tf32 = allow_tf32
         # backend: who runs the network (schp.backends); "torch" = self.model, others an exported file,
-        # in which case no torch copy of the network is kept (it would only hold memory)
+        # in which case no torch copy of the network is kept (it would only hold memory). 'auto' starts on
+        # torch and, for a long job, switches to the runtime prepared beside it (self.background)
         from schp.backends import network_runner
+        from schp.background_runtime import BackgroundRuntime
         # expected_images: how many images the job will parse (None: unknown), for auto's export choice
         forwards = None if expected_images is None else expected_images * len(scales) * (2 if flip else 1)
-        self.backend, self.runner = network_runner(backend, device, spec, state_dict, precision, forwards=forwards)
+        self.backend, self.runner, upgrade = network_runner(backend, device, spec, state_dict, precision,
+                                                            forwards=forwards)
+        self.threads = torch.get_num_threads()  # torch's, and the prepared runtime's once it runs
+        self.background = None if upgrade is None else BackgroundRuntime(upgrade, spec, state_dict, precision,
+                                                                         threads=self.threads)
+        self.crops_by_backend: Dict[str, int] = {}  # crops each backend parsed (auto may switch once)
+        # whether a forward pass may switch to the prepared runtime; a caller that must know the backend
+        # of a whole batch beforehand (the service) clears it and switches with wait_for_backend(0)
+        self.switch_on_forward = True
         self.model = None
         if self.runner is None:
             with torch.device("meta"):  # skip the random init of 66.8 M values (0.27 s): all are loaded
@@ -156,24 +168,69 @@ class HumanParser:
         """
         n = x.shape[0]
         in_h, in_w = self.spec.input_size
+        if self.switch_on_forward:
+            self.wait_for_backend(0)
+        self.crops_by_backend[self.backend] = self.crops_by_backend.get(self.backend, 0) + n
         if self.flip:
             x = torch.cat([x, x.flip(-1)])
         outputs = []
         for s in self.scales:
             xs = x if s == 1.0 else F.interpolate(x, size=(int(in_h * s), int(in_w * s)), mode="bilinear",
                                                   align_corners=True)
-            if self.runner is not None:
-                fusion = self.runner(xs)
-            else:
-                with self._autocast():
-                    fusion = self.model(xs.contiguous(memory_format=torch.channels_last)).fusion
-            fusion = fusion.float()
+            fusion = self._network(xs).float()
             out = fusion[:n]
             if self.flip:
                 mirrored = fusion[n:][:, list(self.spec.flip_permutation)].flip(-1)
                 out = (out + mirrored) * 0.5
             outputs.append(F.interpolate(out, size=(in_h, in_w), mode="bilinear", align_corners=True))
         return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
+
+    def _network(self, xs: torch.Tensor) -> torch.Tensor:
+        """Fusion logits of one batch of normalised (scaled, flipped) crops, by the current backend."""
+        if self.runner is not None:
+            return self.runner(xs)
+        if self.background is not None:
+            # while the child export takes a core, torch leaves it that core: more threads than cores
+            # make its OpenMP threads wait on each other (about 2.5 x slower forward passes on 2 cores)
+            threads = max(1, self.threads - 1) if self.background.exporting else self.threads
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+        with self._autocast():
+            fusion = self.model(xs.contiguous(memory_format=torch.channels_last)).fusion
+        if self.background is not None and not self.background.started:
+            self.background.start(tuple(xs.shape))  # after the first map's forward pass: it comes first
+        return fusion
+
+    def _switch(self) -> None:
+        """Take the runtime prepared in the background (between two forward passes), or stay on torch."""
+        background, self.background = self.background, None
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        runner = background.ready()
+        if runner is None:
+            warnings.warn(SCHPWarning(f"{background.backend} unusable ({background.error}); running the network "
+                                      "with torch", "backend", "auto"), stacklevel=3)
+            return
+        log.info("switched the network from torch to %s after %d crops (%s ready in %.1f s)", background.backend,
+                 sum(self.crops_by_backend.values()), "exported and" if background.exported else "cached,",
+                 background.seconds)
+        self.runner, self.backend, self.model = runner, background.backend, None
+
+    def wait_for_backend(self, timeout: Optional[float] = None) -> str:
+        """Wait (at most `timeout` s) for a runtime being prepared, switch to it, and return the backend that
+        runs the network from now on. Where nothing is prepared, or it has not begun (it begins after the
+        first forward pass), this returns at once."""
+        if self.background is not None and self.background.started and self.background.wait(timeout):
+            self._switch()
+        return self.backend
+
+    def close(self) -> None:
+        """Stop preparing a runtime in the background (an export in flight leaves no file); torch goes on."""
+        if self.background is not None:
+            self.background.close()
+            self.background = None
+            if torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
 
     def parse(self, images: Sequence[np.ndarray], with_logits: bool = False):
         """Label maps (H x W uint8, one per image) of H x W x 3 uint8 BGR images, as the extractor makes them.

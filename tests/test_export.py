@@ -6,6 +6,7 @@ reference is the torch path (HumanParser), itself checked against the original b
 Exports are slow, so each dataset is exported once per module (lip at 473 raw, atr at 512 labels, pascal
 at 512 through the backend cache).
 """
+import json
 import sys
 
 import cv2
@@ -212,7 +213,8 @@ def test_backend_switch_end_to_end_on_a_folder(checkpoints, run_cli, tmp_path, c
         assert code == 0, err
         assert ("exporting the pascal network" in err) == (run == "onnxruntime")
         maps[run] = [np.array(Image.open(out / f"{n}.png")) for n in ("a", "b")]
-        assert f'"backend": "{ran}"' in (tmp_path / f"{run}.json").read_text()
+        summary = json.loads((tmp_path / f"{run}.json").read_text())
+        assert summary["backend"] == ran and summary["crops_by_backend"] == {ran: 2}
         if run == "auto-empty":
             assert not (tmp_path / "cache" / "exports").exists()
     assert len(list((tmp_path / "cache" / "exports").glob("pascal-512x512-*.onnx"))) == 1
@@ -268,9 +270,91 @@ def test_auto_exports_only_for_a_job_that_repays_it_or_uses_the_cached_file(chec
     assert export_repays(spec, state, "fp32", cache, None)  # a job of unknown length counts as long
     # a short job with flips and scales: images x 2 x scales forward passes
     parser = HumanParser(spec, state, CPU, backend="auto", expected_images=1, flip=True, scales=(0.75, 1.0))
-    assert parser.backend == "torch" and parser.model is not None and not cache.joinpath("exports").exists()
+    assert parser.backend == "torch" and parser.model is not None and parser.background is None
+    assert not cache.joinpath("exports").exists()
     path = export_path(spec, state, cache)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"")  # where the cached export would be: then a shorter job takes the runtime
     assert export_repays(spec, state, "fp32", cache, AUTO_CACHED_MIN_FORWARDS)
     assert not export_repays(spec, state, "fp32", cache, AUTO_CACHED_MIN_FORWARDS - 1)
+
+
+def test_auto_starts_on_torch_and_switches_once_the_background_export_is_ready(checkpoints, tmp_path, monkeypatch):
+    """A long job (unknown length) on an empty cache: the first forward pass runs on torch at once, the
+    export runs in a child process beside it, and the next forward pass after it is ready runs on
+    OpenVINO; the file lands in the cache, nothing else is left there, and the maps agree with torch's.
+    The service's model call then gives each image of a batch its own call."""
+    import time
+
+    from schp.backends import export_path
+    from schp.service.engine import batch_invariant_parse
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SCHP_CACHE_DIR", str(cache))
+    spec, state = DATASETS["pascal"], read_state_dict(checkpoints("pascal"))
+    images = [person_like(11, 240, 170), person_like(12, 180, 230)]
+    reference = HumanParser(spec, state, CPU).parse(images)
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    parser = HumanParser(spec, state, CPU, backend="auto")
+    first = parser.parse(images[:1])[0]
+    first_seconds = time.perf_counter() - t0
+    assert parser.backend == "torch" and parser.background is not None and parser.background.started
+    assert np.array_equal(first, reference[0])  # torch's own map, before any export
+    assert parser.wait_for_backend(timeout=600) == "openvino", parser.background and parser.background.error
+    assert time.perf_counter() - t0 > first_seconds  # the export came after the first map, not before it
+    assert torch.get_num_threads() == threads  # the core torch left to the export is given back
+    assert parser.model is None and parser.background is None
+    assert [p.name for p in (cache / "exports").iterdir()] == [export_path(spec, state, cache).name]
+    after = parser.parse(images)
+    assert parser.crops_by_backend == {"torch": 1, "openvino": 2}
+    for got, expected in zip(after, reference):
+        assert (got == expected).mean() >= 0.9999
+    parse = batch_invariant_parse(parser)
+    assert parse is not parser.parse
+    assert all(np.array_equal(a, b) for a, b in zip(parse(images), [parser.parse([i])[0] for i in images]))
+
+
+def test_closing_the_parser_stops_a_background_export_and_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+    """A job that ends (or is stopped) before the export is done: close() stops the child, which removes
+    its partial file; the weights it was handed are gone too; torch goes on, with all its threads."""
+    import time
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SCHP_CACHE_DIR", str(cache))
+    spec, state = DATASETS["pascal"], read_state_dict(checkpoints("pascal"))
+    image = person_like(13, 200, 150)
+    parser = HumanParser(spec, state, CPU, backend="auto", expected_images=1000)
+    threads = torch.get_num_threads()
+    reference = parser.parse([image])[0]
+    background = parser.background
+    deadline = time.monotonic() + 60
+    while not background.exporting and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert background.exporting
+    child = background._child
+    time.sleep(3)  # into the export itself, past the child's start-up
+    parser.close()
+    assert child.poll() is not None and not background.exporting
+    assert parser.background is None and parser.backend == "torch" and torch.get_num_threads() == threads
+    assert list((cache / "exports").iterdir()) == []
+    assert np.array_equal(parser.parse([image])[0], reference)
+
+
+def test_a_background_export_that_fails_leaves_the_job_on_torch_with_a_warning(checkpoints, tmp_path, monkeypatch):
+    from schp.errors import SCHPWarning
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "exports").write_text("not a folder")  # where the export would go
+    monkeypatch.setenv("SCHP_CACHE_DIR", str(cache))
+    spec, state = DATASETS["pascal"], read_state_dict(checkpoints("pascal"))
+    image = person_like(14, 160, 160)
+    parser = HumanParser(spec, state, CPU, backend="auto")
+    reference = parser.parse([image])[0]
+    assert parser.background.wait(120)
+    with pytest.warns(SCHPWarning, match=r"^backend='auto': openvino unusable \(.*exports.*\); running the network "
+                                         r"with torch$"):
+        assert np.array_equal(parser.parse([image])[0], reference)
+    assert parser.backend == "torch" and parser.background is None
+    assert parser.crops_by_backend == {"torch": 2}

@@ -86,8 +86,9 @@ def add_backend(p) -> None:
         "--backend", default=os.environ.get("SCHP_BACKEND") or DEFAULT_BACKEND, choices=("auto",) + BACKENDS,
         help="what runs the network: torch, or onnxruntime / openvino on an ONNX file exported once into "
              "the checkpoint cache; auto = the fastest installed on the CPU (fp32: openvino, onnxruntime, "
-             "torch; bf16: openvino on CPUs with bf16 units), but torch when that file is not cached yet "
-             "and the job is too short to repay the export; torch on GPUs; $SCHP_BACKEND sets the default")
+             "torch; bf16: openvino on CPUs with bf16 units), starting on torch while that runtime is "
+             "exported and loaded in the background, and torch only for a job too short to repay it; "
+             "torch on GPUs; $SCHP_BACKEND sets the default")
 
 
 def add_allow_tf32(p) -> None:

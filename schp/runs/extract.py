@@ -281,7 +281,8 @@ def manifest_record(plan: Plan, options: ExtractOptions, spec, checkpoint, parse
         "dataset": spec.name,
         "device": str(parser.device) if parser else None,
         "precision": options.precision,
-        "backend": parser.backend if parser else None,
+        "backend": parser.backend if parser else None,  # the last one (auto may switch from torch once)
+        "crops_by_backend": dict(parser.crops_by_backend) if parser else None,
         "label_map": shown_path(Path(options.label_map)) if isinstance(options.label_map, (str, os.PathLike))
         else None,
         "versions": versions(),

@@ -236,7 +236,6 @@ class ModelActor:
         from schp.runs.extract import load_model
         cv2.setNumThreads(1)
         self.parser, _ = load_model(ExtractOptions(**self.model_options), self.spec)
-        self.where = f"{self.parser.device}|{self.parser.backend}"
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         import numpy as np
@@ -265,7 +264,8 @@ class ModelActor:
         out["center"], out["scale"] = batch["center"], batch["scale"]
         out["work"] = np.empty(n, dtype=object)
         out["work"][:] = works
-        out["device"] = np.array([self.where] * n, dtype=object)
+        # the backend as of this batch: with auto it may switch to a runtime prepared in the background
+        out["device"] = np.array([f"{self.parser.device}|{self.parser.backend}"] * n, dtype=object)
         return out
 
 

@@ -260,7 +260,9 @@ def create_app(parser, settings: Optional[Settings] = None) -> FastAPI:
         b = service.batcher
         body = {"status": "draining" if service.draining else "ok", "dataset": service.spec.name,
                 "checkpoint": service.settings.checkpoint_name, "device": str(parser.device),
-                "backend": parser.backend, "queued": b.queued, "in_forward_pass": b.busy,
+                "backend": parser.backend,
+                "backend_preparing": parser.background.backend if parser.background is not None else None,
+                "queued": b.queued, "in_forward_pass": b.busy,
                 "max_queue": b.max_queue, "max_batch": b.max_batch, "batches": b.batches, "images": b.images,
                 "token_required": bool(service.settings.token), "logits": service.settings.logits}
         return JSONResponse(body, status_code=503 if service.draining else 200)

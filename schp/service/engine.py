@@ -14,13 +14,23 @@ log = logging.getLogger("schp.service")
 
 
 def batch_invariant_parse(parser) -> Callable[..., List]:
-    """parse(images, with_logits=False) whose result for an image is that of parser.parse([image])."""
-    if parser.backend == "torch" and parser.device.type == "cpu":
-        return parser.parse
+    """parse(images, with_logits=False) whose result for an image is that of parser.parse([image]).
 
-    def one_by_one(images, with_logits: bool = False) -> List:
+    With `--backend auto` the parser may switch from torch to a runtime once that is ready: here,
+    between two batches, so that each batch is parsed the way its backend allows."""
+    if parser.background is None and parser.backend == "torch" and parser.device.type == "cpu":
+        return parser.parse
+    parser.switch_on_forward = False
+    told = set()
+
+    def parse(images, with_logits: bool = False) -> List:
+        backend = parser.wait_for_backend(0)
+        if backend == "torch" and parser.device.type == "cpu":
+            return parser.parse(images, with_logits=with_logits)
+        if backend not in told:
+            told.add(backend)
+            log.info("%s on %s: each image of a batch gets its own forward call (batched calls of this backend "
+                     "are not known to give each image the same numbers)", backend, parser.device)
         return [result for image in images for result in parser.parse([image], with_logits=with_logits)]
 
-    log.info("%s on %s: each image of a batch gets its own forward call (batched calls of this backend "
-             "are not known to give each image the same numbers)", parser.backend, parser.device)
-    return one_by_one
+    return parse

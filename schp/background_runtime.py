@@ -1,0 +1,188 @@
+"""A runtime backend made ready while torch already parses, so that `--backend auto` never delays the
+first map.
+
+For a job long enough to repay a runtime (schp.backends.export_repays), `auto` starts on torch and
+prepares the runtime beside it: the ONNX export, when the file is not cached yet, in a child process
+(the exporter's tracing is not known to be safe beside a forward pass in the same process, and its
+memory goes back when the child ends), then the load and compile in a thread. The parser switches
+between two forward passes once the runtime is ready; if the export fails, the job stays on torch.
+Run as `python -m schp.background_runtime SPEC STATE OUT`, this module is that child.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+from schp.backends import OnnxRuntimeRunner, OpenVinoRunner, export_for_runtimes, export_path
+from schp.data.catalog import DatasetSpec
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+STOP_WAIT_S = 10  # how long close() waits for a stopped child before killing it
+
+
+class BackgroundRuntime:
+    """The runtime `backend` for this checkpoint, prepared in the background from `start(shape)` on.
+
+    `ready()` is the runner once it can run (None before, and for good after a failure: `error` then
+    says why); `close()` stops a child export still running, leaving no file of it behind.
+    """
+
+    def __init__(self, backend: str, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor],
+                 precision: str = "fp32", cache_dir: Optional[Path] = None, threads: Optional[int] = None):
+        import torch
+
+        self.backend, self.spec, self.precision, self.cache_dir = backend, spec, precision, cache_dir
+        self.threads = threads or torch.get_num_threads()  # the runtime's, once it runs (as torch's now)
+        self._state_dict = state_dict
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._runner = None
+        self._child: Optional[subprocess.Popen] = None
+        self._closed = False
+        self.thread: Optional[threading.Thread] = None
+        self.error: Optional[str] = None
+        self.exported = False  # whether this run made the export (else it was cached)
+        self.seconds: Optional[float] = None  # from start() to ready
+
+    @property
+    def started(self) -> bool:
+        return self.thread is not None
+
+    @property
+    def exporting(self) -> bool:
+        """Whether the child export runs now (it takes one core)."""
+        child = self._child
+        return child is not None and child.poll() is None
+
+    def start(self, shape: Tuple[int, ...]) -> None:
+        """Begin: export if needed, load, and compile for input `shape` (N x 3 x h x w)."""
+        if self.thread is not None:
+            return
+        atexit.register(self.close)
+        self.thread = threading.Thread(target=self._prepare, args=(tuple(shape),), daemon=True,
+                                       name=f"schp-{self.backend}-setup")
+        self.thread.start()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def ready(self):
+        return self._runner if self._done.is_set() else None
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the runtime is ready or has failed (True), or `timeout` seconds pass (False)."""
+        return self._done.wait(timeout)
+
+    def _prepare(self, shape: Tuple[int, ...]) -> None:
+        import shutil
+        import tempfile
+
+        t0 = time.perf_counter()
+        temporary = None
+        try:
+            path = export_path(self.spec, self._state_dict, self.cache_dir)
+            if path is None:  # the cache is disabled: this run's export, removed once loaded
+                temporary = Path(tempfile.mkdtemp(prefix="schp-export-"))
+                path = export_path(self.spec, self._state_dict, temporary)
+            if not path.is_file():
+                log.info("exporting the %s network for %s in the background (once per checkpoint); "
+                         "torch runs meanwhile", self.spec.name, self.backend)
+                self._export_in_child(path)
+                self.exported = True
+            runner = OnnxRuntimeRunner(path, self.threads) if self.backend == "onnxruntime" \
+                else OpenVinoRunner(path, self.precision, self.threads)
+            runner.prepare(shape)
+            if not self._closed:
+                self._runner = runner
+                self.seconds = time.perf_counter() - t0
+        except Exception as err:  # the job goes on with torch; the parser reports why
+            self.error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        finally:
+            self._state_dict = None  # the parser keeps its own reference while it needs one
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
+            atexit.unregister(self.close)
+            self._done.set()
+
+    def _export_in_child(self, path: Path) -> None:
+        import torch
+
+        from schp.utils.outputs import temp_path
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # the weights travel by file (memory-mapped by the child, which unlinks it once loaded); a
+        # temporary name of this process, so a later run removes it should this process be killed
+        state_file = temp_path(path.with_name(path.stem + ".state.pt"))
+        try:
+            torch.save(self._state_dict, state_file)
+            spec = json.dumps(dataclasses.asdict(self.spec))
+            package_root = str(Path(__file__).resolve().parent.parent)  # importable from a checkout too
+            env = dict(os.environ, OMP_NUM_THREADS="1",
+                       PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("closed before the export began")
+                self._child = subprocess.Popen(
+                    [sys.executable, "-m", "schp.background_runtime", spec, str(state_file), str(path)],
+                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, err = self._child.communicate()
+            if self._child.returncode != 0:
+                lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+                reason = lines[-1] if lines else f"exit code {self._child.returncode}"
+                raise RuntimeError(f"the background export failed: {reason}")
+        finally:
+            if state_file.exists():
+                state_file.unlink()
+
+    def close(self) -> None:
+        """Stop preparing: a child export still running is stopped (it removes its partial file)."""
+        with self._lock:
+            self._closed = True
+            child = self._child
+        if child is not None and child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(STOP_WAIT_S)
+
+
+def _export_child(spec_json: str, state_file: str, out: str) -> int:
+    """The child: export and verify `out` from the weights in `state_file`, as schp.backends.cached_onnx does."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stop runs the export's own clean-up
+    import torch
+
+    torch.set_num_threads(1)  # the parent's forward keeps the other core(s)
+    fields = json.loads(spec_json)
+    spec = DatasetSpec(**{**fields, "input_size": tuple(fields["input_size"]), "labels": tuple(fields["labels"]),
+                          "flip_pairs": tuple(tuple(p) for p in fields["flip_pairs"])})
+    state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
+    os.unlink(state_file)  # mapped: the data stays readable, and no copy outlives this process
+    try:
+        export_for_runtimes(spec, state, Path(out))
+    except Exception as err:  # the reason, as the last line the parent reads from this process's stderr
+        logging.basicConfig(format="%(message)s")
+        log.error("%s: %s", type(err).__name__, err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_export_child(*sys.argv[1:4]))
