@@ -559,7 +559,7 @@ def agreement(dir_a, dir_b, names):
 # (cache, --backend, images); 200 images are past AUTO_EXPORT_MIN_FORWARDS, where auto on an empty cache
 # starts on torch and exports beside it, against exporting first (openvino) and torch alone
 FIRST_MAP_RUNS = [("empty", "auto", 1), ("empty", "auto", 10), ("empty", "auto", 100), ("empty", "auto", 200),
-                  ("empty", "openvino", 1), ("empty", "openvino", 200), ("warm", "torch", 1), ("warm", "torch", 10),
+                  ("empty", "torch", 1), ("empty", "openvino", 1), ("empty", "openvino", 200), ("warm", "torch", 1), ("warm", "torch", 10),
                   ("warm", "torch", 200), ("warm", "auto", 1), ("warm", "auto", 10), ("warm", "auto", 100)]
 
 

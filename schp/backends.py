@@ -48,15 +48,22 @@ class BackendError(ParameterError):
     about the parameter `backend` where it is the backend's own limit (a set-up error, and a ValueError)."""
 
 
-def missing_packages(backend: str):
-    """The packages `backend` needs that cannot be imported here."""
+def missing_packages(backend: str, import_them: bool = True):
+    """The packages `backend` needs that cannot be imported here. Without `import_them` they are only
+    looked up (openvino alone takes about a second to import, which 'auto' would add to a torch job's
+    first map; a package found but broken then fails where the runtime is loaded, and auto stays on torch)."""
     import importlib
+    import importlib.util
+    import sys
 
     missing = []
     for package in PACKAGES.get(backend, ()):
         try:
-            importlib.import_module(package)
-        except ImportError:
+            if import_them:
+                importlib.import_module(package)
+            elif sys.modules.get(package, ...) is None or importlib.util.find_spec(package) is None:
+                missing.append(package)
+        except (ImportError, ValueError):
             missing.append(package)
     return missing
 
@@ -72,7 +79,7 @@ def resolve_backend(name: str, device: torch.device, precision: str = "fp32",
             return "torch"
         if precision == "bf16" and not native_bf16(flags):
             return "torch"  # emulated bf16: the precision's own warning says fp32 is faster
-        return next(b for b in AUTO_ORDER[precision] if b == "torch" or not missing_packages(b))
+        return next(b for b in AUTO_ORDER[precision] if b == "torch" or not missing_packages(b, import_them=False))
     if name not in BACKENDS:
         raise BackendError(f"unknown (one of auto, {', '.join(BACKENDS)})", "backend", name)
     if name == "torch":
