@@ -183,6 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{result.images} images scored, {len(result.failed)} left out{note}", file=sys.stderr)
     if result.images == 0:
         print("error: no image could be scored", file=sys.stderr)
+    if parser is not None:  # with auto the network may have switched from torch to a runtime meanwhile
+        settings.update(backend=parser.backend, crops_by_backend=dict(parser.crops_by_backend))
     if args.summary:
         try:
             write_summary(Path(args.summary), {**result.as_dict(), **settings})
