@@ -71,11 +71,39 @@ def detection(mask, score, box=None):
     return {"image_id": 1, "category_id": 0, "bbox": box, "score": float(score), "segmentation": rle(mask)}
 
 
-def compare_outputs(ours: Path, theirs: Path, stem: str):
+def released_fused_logits(work_dir: Path, item: dict) -> np.ndarray:
+    """H x W x C: the released steps' fused logits at image size, as their result_saving takes the argmax of."""
+    stem = Path(item["im_name"]).stem
+    fused = np.load(work_dir / "global_pic_parsing" / f"{stem}.npy") + released.patch2img_output(
+        str(work_dir / "crop_pic_parsing"), item["im_name"], item["img_height"], item["img_width"],
+        item["person_bbox"], bbox_type="msrcnn", num_class=20)
+    return cv2.resize(fused, dsize=(item["img_width"], item["img_height"]), interpolation=cv2.INTER_LINEAR)
+
+
+# A pixel's class may differ from the released steps' only at a float tie of their fused logits: our
+# folded, reordered network reproduces the logits to about 1e-5 relative (docs/fidelity.md), so a gap
+# under 1e-4 of the pixel's largest logit is a tie that float rounding may break either way.
+TIE = 1e-4
+
+
+def compare_outputs(ours: Path, theirs: Path, stem: str, fused: np.ndarray):
+    """The three maps equal the released steps' except at class ties of `fused` (the released fused
+    logits), where the class and with it the person and part of that pixel may go either way (seen on
+    an AVX2 CPU: 1 pixel of 67,500; none on AVX-512)."""
+    maps = {}
     for name in ("global_parsing", "instance_parsing", "global_tag"):
         a, b = Image.open(ours / name / f"{stem}.png"), Image.open(theirs / name / f"{stem}.png")
         assert a.mode == b.mode == "P" and a.getpalette() == b.getpalette(), name
-        np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=name)
+        maps[name] = np.array(a), np.array(b)
+    ours_class, their_class = maps["global_parsing"]
+    ties = np.flatnonzero(ours_class != their_class)
+    assert ties.size <= 1e-4 * ours_class.size, f"{ties.size} pixels of {ours_class.size} differ"
+    for y, x in zip(*np.unravel_index(ties, ours_class.shape)):
+        logits = fused[y, x]
+        gap = abs(logits[ours_class[y, x]] - logits[their_class[y, x]])
+        assert gap <= TIE * np.abs(logits).max(), (y, x, ours_class[y, x], their_class[y, x], logits)
+    for name, (a, b) in maps.items():
+        assert set(np.flatnonzero(a != b)) <= set(ties), name
     assert (ours / "global_tag" / f"{stem}.txt").read_text() == (theirs / "global_tag" / f"{stem}.txt").read_text()
     # confidences: the same parts and classes; the values are fused logits, which our folded network
     # reproduces to float rounding, not bit for bit
@@ -117,7 +145,7 @@ def test_detectron2_file_gives_the_released_results(tmp_path, capsys, cihp, orac
                     pth, "--global-restore", cihp[0], "--local-restore", cihp[1], "--input-size", f"{SIZE},{SIZE}",
                     "--device", "cpu", "--legacy-person-count")
     assert code == 0, err
-    compare_outputs(tmp_path / "out", Path(theirs), "group")
+    compare_outputs(tmp_path / "out", Path(theirs), "group", released_fused_logits(tmp_path / "released", item))
     record = json.loads((tmp_path / "out" / "instances" / "group.json").read_text())
     assert record["person_bbox"] == item["person_bbox"] and record["person_bbox_score"] == item["person_bbox_score"]
     assert record["real_person_bbox"] == item["real_person_bbox"] and record["instances"]["source"] == "detectron2"
@@ -143,7 +171,7 @@ def test_masks_folder_gives_the_released_results(tmp_path, capsys, cihp, oracle_
                     mask_dir, "--global-restore", cihp[0], "--local-restore", cihp[1], "--input-size",
                     f"{SIZE},{SIZE}", "--device", "cpu", "--legacy-person-count")
     assert code == 0, err
-    compare_outputs(tmp_path / "out", Path(theirs), "group")
+    compare_outputs(tmp_path / "out", Path(theirs), "group", released_fused_logits(tmp_path / "released", item))
     persons = np.array(Image.open(tmp_path / "out" / "global_tag" / "group.png"))
     parts = np.array(Image.open(tmp_path / "out" / "instance_parsing" / "group.png"))
     owners = {j: np.unique(persons[parts == j]) for j in np.unique(parts) if j}

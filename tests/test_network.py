@@ -93,7 +93,9 @@ def test_convolutions_over_upsampled_maps_equal_the_released_order(small, size):
     weights = literal.detach().sin()
     for got, ref in zip(torch.autograd.grad((ours * weights).sum(), (x, w3)),
                         torch.autograd.grad((literal * weights).sum(), (x, w3))):
-        assert (got - ref).norm() <= 1e-5 * ref.norm()
+        # each gradient sums up to 2 x 32 x 32 x 12 x 9 products in fp32, in an order that depends on the
+        # CPU's kernels: 1.8e-5 relative on AVX2, under 1e-5 on AVX-512; a wrong gradient is off by O(1)
+        assert (got - ref).norm() <= 1e-4 * ref.norm()
 
     conv = torch.nn.Conv2d(24, 10, kernel_size=1, bias=True)
     literal = conv(torch.cat([big, F.interpolate(x, size=size, mode="bilinear", align_corners=True)], 1))
