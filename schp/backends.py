@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Dict, Iterator, Optional
 
 import numpy as np
 
@@ -108,9 +111,11 @@ def state_dict_digest(state_dict: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:20]
 
 
-def export_path(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_dir: Optional[Path]) -> Optional[Path]:
+def export_path(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_dir: Optional[Path],
+                digest: Optional[str] = None) -> Optional[Path]:
     """Where the cache keeps this checkpoint's ONNX export (whether or not it is there yet); None when
-    the cache is disabled."""
+    the cache is disabled. `digest`: the state dict's `state_dict_digest`, where already computed (it
+    reads every weight: about 0.3 s of one core)."""
     import torch
     from schp.checkpoint import default_cache_dir
     from schp.export import DEFAULT_OPSET
@@ -119,8 +124,25 @@ def export_path(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_di
     if cache_dir is None:
         return None
     h, w = spec.input_size
-    return cache_dir / "exports" / (f"{spec.name}-{h}x{w}-{state_dict_digest(state_dict)}-g{GRAPH_REVISION}"
+    digest = digest or state_dict_digest(state_dict)
+    return cache_dir / "exports" / (f"{spec.name}-{h}x{w}-{digest}-g{GRAPH_REVISION}"
                                     f"-opset{DEFAULT_OPSET}-torch{torch.__version__.split('+')[0]}.onnx")
+
+
+@contextmanager
+def runtime_file(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_dir: Optional[Path],
+                 digest: Optional[str] = None) -> Iterator[Path]:
+    """Where a runtime finds this checkpoint's export, present or not: the cache's file, or, with the cache
+    disabled (SCHP_CACHE_DIR=''), one in a temporary folder removed on leaving (every run then exports)."""
+    path = export_path(spec, state_dict, cache_dir, digest)
+    if path is not None:
+        yield path
+        return
+    temporary = Path(tempfile.mkdtemp(prefix="schp-export-"))
+    try:
+        yield export_path(spec, state_dict, temporary, digest)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def cached_onnx(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_dir: Optional[Path],
@@ -129,11 +151,15 @@ def cached_onnx(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_di
     path = export_path(spec, state_dict, cache_dir)
     if path is None:
         raise BackendError("the checkpoint cache is disabled (SCHP_CACHE_DIR is empty)")
-    if path.is_file():
-        return path
-    if not quiet:
-        log.info("exporting the %s network to %s (once per checkpoint; takes a while)", spec.name, path)
-    export_for_runtimes(spec, state_dict, path)
+    return exported(spec, state_dict, path, quiet)
+
+
+def exported(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], path: Path, quiet: bool = False) -> Path:
+    """`path`, after exporting the checkpoint there unless it is already."""
+    if not path.is_file():
+        if not quiet:
+            log.info("exporting the %s network to %s (once per checkpoint; takes a while)", spec.name, path)
+        export_for_runtimes(spec, state_dict, path)
     return path
 
 
@@ -222,31 +248,57 @@ def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dic
     An explicit backend that cannot run raises BackendError, and is made ready before this returns.
     'auto' never waits for a runtime: it runs torch, and for a job long enough to repay the runtime's
     one-time costs (`forwards`, the forward passes it will make; None = unknown, taken as long) also
-    names the runtime to prepare beside it (schp.background_runtime), which the parser switches to.
+    names the runtime to prepare beside it (a `RuntimePlan` for schp.background_runtime), which the
+    parser switches to.
     """
     backend = resolve_backend(name, device, precision)
     if backend == "torch":
         return backend, None, None
     if name == "auto":
-        if not export_repays(spec, state_dict, precision, cache_dir, forwards):
+        plan = RuntimePlan(backend)
+        if not export_repays(spec, state_dict, precision, cache_dir, forwards, plan):
             log.info("running the network with torch: %s forward passes do not repay %s's set-up (from %d, or %d "
                      "with its file cached)", forwards, backend, AUTO_EXPORT_MIN_FORWARDS[precision],
                      AUTO_CACHED_MIN_FORWARDS)
             return "torch", None, None
-        return "torch", None, backend
+        return "torch", None, plan
     return backend, make_runner(backend, spec, state_dict, precision, cache_dir, quiet), None
 
 
+class RuntimePlan:
+    """The runtime 'auto' prepares beside torch, and the checkpoint's digest once computed (so the
+    background does not read every weight again to find the file)."""
+
+    def __init__(self, backend: str, digest: Optional[str] = None):
+        self.backend, self.digest = backend, digest
+
+    def __repr__(self) -> str:
+        return f"RuntimePlan({self.backend!r}, digest={self.digest!r})"
+
+
 def export_repays(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precision: str,
-                  cache_dir: Optional[Path], forwards: Optional[int]) -> bool:
+                  cache_dir: Optional[Path], forwards: Optional[int], plan: Optional[RuntimePlan] = None) -> bool:
     """Whether 'auto' should use a runtime backend: the job is long enough that the runtime saves more
-    than its one-time costs (the export unless cached, and loading the file)."""
+    than its one-time costs (the export unless cached, and loading the file). Where the checkpoint's
+    digest had to be computed for the answer, it is kept in `plan`."""
     if forwards is None or forwards >= AUTO_EXPORT_MIN_FORWARDS.get(precision, 0):
         return True
     if forwards < AUTO_CACHED_MIN_FORWARDS:
         return False
-    path = export_path(spec, state_dict, cache_dir)
+    digest = state_dict_digest(state_dict)
+    if plan is not None:
+        plan.digest = digest
+    path = export_path(spec, state_dict, cache_dir, digest)
     return path is not None and path.is_file()
+
+
+def load_runner(backend: str, path: Path, precision: str = "fp32", threads: Optional[int] = None):
+    """The runner of `backend` on the exported file at `path` (`threads`: default torch's)."""
+    if backend == "onnxruntime":
+        return OnnxRuntimeRunner(path, threads)
+    if backend == "openvino":
+        return OpenVinoRunner(path, precision, threads)
+    raise BackendError(f"no runner for backend {backend!r}")
 
 
 def make_runner(backend: str, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precision: str = "fp32",
@@ -256,18 +308,7 @@ def make_runner(backend: str, spec: DatasetSpec, state_dict: Dict[str, torch.Ten
     With the cache disabled (SCHP_CACHE_DIR='') the file is exported to a temporary folder, loaded, and
     removed: every run then pays the export.
     """
-    import shutil
-    import tempfile
-    from schp.checkpoint import default_cache_dir
-
     if backend not in ("onnxruntime", "openvino"):
         raise BackendError(f"no runner for backend {backend!r}")
-    temporary = None
-    if cache_dir is None and default_cache_dir() is None:
-        temporary = cache_dir = Path(tempfile.mkdtemp(prefix="schp-export-"))
-    try:
-        path = cached_onnx(spec, state_dict, cache_dir, quiet)
-        return OnnxRuntimeRunner(path) if backend == "onnxruntime" else OpenVinoRunner(path, precision)
-    finally:
-        if temporary is not None:
-            shutil.rmtree(temporary, ignore_errors=True)
+    with runtime_file(spec, state_dict, cache_dir) as path:
+        return load_runner(backend, exported(spec, state_dict, path, quiet), precision)

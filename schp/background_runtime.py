@@ -20,9 +20,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
-from schp.backends import OnnxRuntimeRunner, OpenVinoRunner, export_for_runtimes, export_path
+from schp.backends import RuntimePlan, export_for_runtimes, load_runner, runtime_file
 from schp.data.catalog import DatasetSpec
 
 if TYPE_CHECKING:
@@ -33,23 +33,26 @@ STOP_WAIT_S = 10  # how long close() waits for a stopped child before killing it
 
 
 class BackgroundRuntime:
-    """The runtime `backend` for this checkpoint, prepared in the background from `start(shape)` on.
+    """The runtime of `plan` (or a backend's name) for this checkpoint, prepared in the background from
+    `start(shape)` on.
 
     `ready()` is the runner once it can run (None before, and for good after a failure: `error` then
     says why); `close()` stops a child export still running, leaving no file of it behind.
     """
 
-    def __init__(self, backend: str, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor],
+    def __init__(self, plan: Union[RuntimePlan, str], spec: DatasetSpec, state_dict: Dict[str, torch.Tensor],
                  precision: str = "fp32", cache_dir: Optional[Path] = None, threads: Optional[int] = None):
         import torch
 
-        self.backend, self.spec, self.precision, self.cache_dir = backend, spec, precision, cache_dir
+        plan = RuntimePlan(plan) if isinstance(plan, str) else plan
+        self.backend, self._digest = plan.backend, plan.digest
+        self.spec, self.precision, self.cache_dir = spec, precision, cache_dir
         self.threads = threads or torch.get_num_threads()  # the runtime's, once it runs (as torch's now)
         self._state_dict = state_dict
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._runner = None
-        self._child: Optional[subprocess.Popen] = None
+        self._child: Optional[ChildExport] = None
         self._closed = False
         self.thread: Optional[threading.Thread] = None
         self.error: Optional[str] = None
@@ -64,7 +67,7 @@ class BackgroundRuntime:
     def exporting(self) -> bool:
         """Whether the child export runs now (it takes one core)."""
         child = self._child
-        return child is not None and child.poll() is None
+        return child is not None and child.running
 
     def start(self, shape: Tuple[int, ...]) -> None:
         """Begin: export if needed, load, and compile for input `shape` (N x 3 x h x w)."""
@@ -75,9 +78,6 @@ class BackgroundRuntime:
                                        name=f"schp-{self.backend}-setup")
         self.thread.start()
 
-    def done(self) -> bool:
-        return self._done.is_set()
-
     def ready(self):
         return self._runner if self._done.is_set() else None
 
@@ -86,24 +86,16 @@ class BackgroundRuntime:
         return self._done.wait(timeout)
 
     def _prepare(self, shape: Tuple[int, ...]) -> None:
-        import shutil
-        import tempfile
-
         t0 = time.perf_counter()
-        temporary = None
         try:
-            path = export_path(self.spec, self._state_dict, self.cache_dir)
-            if path is None:  # the cache is disabled: this run's export, removed once loaded
-                temporary = Path(tempfile.mkdtemp(prefix="schp-export-"))
-                path = export_path(self.spec, self._state_dict, temporary)
-            if not path.is_file():
-                log.info("exporting the %s network for %s in the background (once per checkpoint); "
-                         "torch runs meanwhile", self.spec.name, self.backend)
-                self._export_in_child(path)
-                self.exported = True
-            runner = OnnxRuntimeRunner(path, self.threads) if self.backend == "onnxruntime" \
-                else OpenVinoRunner(path, self.precision, self.threads)
-            runner.prepare(shape)
+            with runtime_file(self.spec, self._state_dict, self.cache_dir, self._digest) as path:
+                if not path.is_file():
+                    log.info("exporting the %s network for %s in the background (once per checkpoint); "
+                             "torch runs meanwhile", self.spec.name, self.backend)
+                    self._export_in_child(path)
+                    self.exported = True
+                runner = load_runner(self.backend, path, self.precision, self.threads)
+                runner.prepare(shape)
             if not self._closed:
                 self._runner = runner
                 self.seconds = time.perf_counter() - t0
@@ -111,55 +103,110 @@ class BackgroundRuntime:
             self.error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         finally:
             self._state_dict = None  # the parser keeps its own reference while it needs one
-            if temporary is not None:
-                shutil.rmtree(temporary, ignore_errors=True)
             atexit.unregister(self.close)
             self._done.set()
 
     def _export_in_child(self, path: Path) -> None:
-        import torch
-
-        from schp.utils.outputs import temp_path
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # the weights travel by file (memory-mapped by the child, which unlinks it once loaded); a
-        # temporary name of this process, so a later run removes it should this process be killed
-        state_file = temp_path(path.with_name(path.stem + ".state.pt"))
-        try:
-            torch.save(self._state_dict, state_file)
-            spec = json.dumps(dataclasses.asdict(self.spec))
-            package_root = str(Path(__file__).resolve().parent.parent)  # importable from a checkout too
-            env = dict(os.environ, OMP_NUM_THREADS="1",
-                       PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
-            with self._lock:
-                if self._closed:
-                    raise RuntimeError("closed before the export began")
-                self._child = subprocess.Popen(
-                    [sys.executable, "-m", "schp.background_runtime", spec, str(state_file), str(path)],
-                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            _, err = self._child.communicate()
-            if self._child.returncode != 0:
-                lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
-                reason = lines[-1] if lines else f"exit code {self._child.returncode}"
-                raise RuntimeError(f"the background export failed: {reason}")
-        finally:
-            if state_file.exists():
-                state_file.unlink()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("closed before the export began")
+            self._child = ChildExport(self.spec, self._state_dict, path)
+        self._child.run()
 
     def close(self) -> None:
         """Stop preparing: a child export still running is stopped (it removes its partial file)."""
         with self._lock:
             self._closed = True
             child = self._child
-        if child is not None and child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        if child is not None:
+            child.stop()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(STOP_WAIT_S)
+
+
+class ChildExport:
+    """The runtimes' ONNX export of one checkpoint to `path`, made by a child process on one thread
+    (`python -m schp.background_runtime`): beside a forward pass, or beside another export.
+
+    `run()` blocks until the file is written (RuntimeError with the child's last line if not); `start()`
+    runs it in a thread instead, which `join()` waits for (a failure is then kept in `error`). `stop()`
+    ends a child still running, which removes its partial file.
+    """
+
+    def __init__(self, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], path: Path):
+        self.spec, self.path = spec, path
+        self._state_dict = state_dict
+        self._lock = threading.Lock()
+        self._process: Optional[subprocess.Popen] = None
+        self._stopped = False
+        self._thread: Optional[threading.Thread] = None
+        self.error: Optional[str] = None
+
+    @property
+    def running(self) -> bool:
+        process = self._process
+        return process is not None and process.poll() is None
+
+    def run(self) -> None:
+        import torch
+
+        from schp.utils.outputs import temp_path
+
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # the weights travel by file (memory-mapped by the child, which unlinks it once loaded); a
+        # temporary name of this process, so a later run removes it should this process be killed
+        state_file = temp_path(path.with_name(path.stem + ".state.pt"))
+        try:
+            torch.save(self._state_dict, state_file)
+            self._state_dict = None
+            spec = json.dumps(dataclasses.asdict(self.spec))
+            package_root = str(Path(__file__).resolve().parent.parent)  # importable from a checkout too
+            env = dict(os.environ, OMP_NUM_THREADS="1",
+                       PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+            with self._lock:
+                if self._stopped:
+                    raise RuntimeError("stopped before the export began")
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "schp.background_runtime", spec, str(state_file), str(path)],
+                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, err = self._process.communicate()
+            if self._process.returncode != 0:
+                lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+                reason = lines[-1] if lines else f"exit code {self._process.returncode}"
+                raise RuntimeError(f"the background export failed: {reason}")
+        finally:
+            if state_file.exists():
+                state_file.unlink()
+
+    def start(self) -> "ChildExport":
+        def run():
+            try:
+                self.run()
+            except Exception as err:  # the caller exports in-process instead, and reports that one's error
+                self.error = str(err)
+
+        self._thread = threading.Thread(target=run, daemon=True, name="schp-export")
+        self._thread.start()
+        return self
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(STOP_WAIT_S)
 
 
 def _export_child(spec_json: str, state_file: str, out: str) -> int:
