@@ -21,7 +21,7 @@ import numpy as np
 from schp.choices import BACKENDS, DEFAULT_BACKEND  # noqa: F401  (re-exported)
 from schp.data.catalog import DatasetSpec
 from schp.errors import ParameterError
-from schp.utils.cpu import native_bf16
+from schp.utils.cpu import avx2_without_avx512, native_bf16
 
 if TYPE_CHECKING:  # torch is imported where it is used: `--help` and `--legend` stay quick
     import torch
@@ -34,6 +34,9 @@ GRAPH_REVISION = 2
 # end to end by benchmarks/throughput.py (docs/performance.md). ONNX Runtime has no bf16 convolution; bf16
 # is taken off torch only on CPUs with bf16 units (elsewhere OpenVINO would compute in fp32 anyway).
 AUTO_ORDER = {"fp32": ("openvino", "onnxruntime", "torch"), "bf16": ("openvino", "torch")}
+# x86 CPUs with AVX2 and no AVX-512: there ONNX Runtime ran ahead of OpenVINO in fp32 (an AMD EPYC of
+# family 25: 11 of 12 end-to-end rounds, median 0.92 x OpenVINO's time), where AVX-512 CPUs put it behind
+AUTO_ORDER_AVX2 = {"fp32": ("onnxruntime", "openvino", "torch")}
 # "auto" takes a runtime only for a job that repays its one-time costs (forward passes = crops x flips x
 # scales; None = not known, e.g. a service: long); a shorter job runs on torch, so its first map comes as
 # early as torch's. Measured on the idle 2-core development machine (benchmarks/throughput.py --first-map,
@@ -82,7 +85,8 @@ def resolve_backend(name: str, device: torch.device, precision: str = "fp32",
             return "torch"
         if precision == "bf16" and not native_bf16(flags):
             return "torch"  # emulated bf16: the precision's own warning says fp32 is faster
-        return next(b for b in AUTO_ORDER[precision] if b == "torch" or not missing_packages(b, import_them=False))
+        return next(b for b in auto_order(precision, flags)
+                    if b == "torch" or not missing_packages(b, import_them=False))
     if name not in BACKENDS:
         raise BackendError(f"unknown (one of auto, {', '.join(BACKENDS)})", "backend", name)
     if name == "torch":
@@ -97,6 +101,14 @@ def resolve_backend(name: str, device: torch.device, precision: str = "fp32",
     if precision not in allowed:
         raise BackendError(f"supports the precision {' or '.join(allowed)}, not {precision}", "backend", name)
     return name
+
+
+def auto_order(precision: str, flags: Optional[frozenset] = None) -> tuple:
+    """The backends 'auto' tries on the CPU for `precision`, fastest first on a CPU with `flags` (default
+    this machine's; unknown flags: the AVX-512 order, the one measured first)."""
+    if avx2_without_avx512(flags):
+        return AUTO_ORDER_AVX2.get(precision, AUTO_ORDER[precision])
+    return AUTO_ORDER[precision]
 
 
 def state_dict_digest(state_dict: Dict[str, torch.Tensor]) -> str:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from schp.backends import resolve_backend
 from schp.commands import export as export_cli
 from schp.data.catalog import DATASETS
 from schp.data.crop import prepare_image
@@ -246,16 +247,19 @@ def test_a_missing_runtime_is_a_one_line_setup_error(checkpoints, run_cli, tmp_p
 
 
 def test_auto_backend_is_the_fastest_installed_on_the_cpu_and_torch_elsewhere(monkeypatch):
-    from schp.backends import resolve_backend
+    from schp.utils.cpu import avx2_without_avx512
 
-    assert resolve_backend("auto", CPU) == "openvino"
+    avx512, avx2 = frozenset({"avx2", "avx512f"}), frozenset({"avx2", "fma"})
+    assert resolve_backend("auto", CPU, "fp32", avx512) == "openvino"
+    assert resolve_backend("auto", CPU, "fp32", avx2) == "onnxruntime"  # as measured on an AVX2-only CPU
+    assert resolve_backend("auto", CPU) == ("onnxruntime" if avx2_without_avx512() else "openvino")  # this one
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
-    assert resolve_backend("auto", CPU, "bf16", frozenset({"avx2", "avx512_bf16"})) == "openvino"
-    assert resolve_backend("auto", CPU, "bf16", frozenset({"avx2"})) == "torch"  # emulated bf16
+    assert resolve_backend("auto", CPU, "bf16", frozenset({"avx2", "avx512f", "avx512_bf16"})) == "openvino"
+    assert resolve_backend("auto", CPU, "bf16", avx2) == "torch"  # emulated bf16
     monkeypatch.setitem(sys.modules, "openvino", None)
-    assert resolve_backend("auto", CPU) == "onnxruntime"
+    assert resolve_backend("auto", CPU, "fp32", avx512) == "onnxruntime"
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    assert resolve_backend("auto", CPU) == "torch"
+    assert resolve_backend("auto", CPU, "fp32", avx512) == resolve_backend("auto", CPU, "fp32", avx2) == "torch"
 
 
 def test_auto_exports_only_for_a_job_that_repays_it_or_uses_the_cached_file(checkpoints, tmp_path, monkeypatch):
@@ -281,8 +285,8 @@ def test_auto_exports_only_for_a_job_that_repays_it_or_uses_the_cached_file(chec
 
 def test_auto_starts_on_torch_and_switches_once_the_background_export_is_ready(checkpoints, tmp_path, monkeypatch):
     """A long job (unknown length) on an empty cache: the first forward pass runs on torch at once, the
-    export runs in a child process beside it, and the next forward pass after it is ready runs on
-    OpenVINO; the file lands in the cache, nothing else is left there, and the maps agree with torch's.
+    export runs in a child process beside it, and the next forward pass after it is ready runs on this
+    CPU's fastest runtime; the file lands in the cache, nothing else is left there, and the maps agree with torch's.
     The service's model call then gives each image of a batch its own call."""
     import time
 
@@ -301,13 +305,14 @@ def test_auto_starts_on_torch_and_switches_once_the_background_export_is_ready(c
     first_seconds = time.perf_counter() - t0
     assert parser.backend == "torch" and parser.background is not None and parser.background.started
     assert np.array_equal(first, reference[0])  # torch's own map, before any export
-    assert parser.wait_for_backend(timeout=600) == "openvino", parser.background and parser.background.error
+    runtime = resolve_backend("auto", CPU)  # this CPU's fastest (openvino with AVX-512, onnxruntime with AVX2)
+    assert parser.wait_for_backend(timeout=600) == runtime, parser.background and parser.background.error
     assert time.perf_counter() - t0 > first_seconds  # the export came after the first map, not before it
     assert torch.get_num_threads() == threads  # the core torch left to the export is given back
     assert parser.model is None and parser.background is None
     assert [p.name for p in (cache / "exports").iterdir()] == [export_path(spec, state, cache).name]
     after = parser.parse(images)
-    assert parser.crops_by_backend == {"torch": 1, "openvino": 2}
+    assert parser.crops_by_backend == {"torch": 1, runtime: 2}
     for got, expected in zip(after, reference):
         assert (got == expected).mean() >= 0.9999
     parse = batch_invariant_parse(parser)
@@ -353,7 +358,8 @@ def test_a_background_export_that_fails_leaves_the_job_on_torch_with_a_warning(c
     parser = HumanParser(spec, state, CPU, backend="auto")
     reference = parser.parse([image])[0]
     assert parser.background.wait(120)
-    with pytest.warns(SCHPWarning, match=r"^backend='auto': openvino unusable \(.*exports.*\); running the network "
+    runtime = resolve_backend("auto", CPU)
+    with pytest.warns(SCHPWarning, match=rf"^backend='auto': {runtime} unusable \(.*exports.*\); running the network "
                                          r"with torch$"):
         assert np.array_equal(parser.parse([image])[0], reference)
     assert parser.backend == "torch" and parser.background is None

@@ -86,7 +86,8 @@ def add_backend(p) -> None:
         "--backend", default=os.environ.get("SCHP_BACKEND") or DEFAULT_BACKEND, choices=("auto",) + BACKENDS,
         help="what runs the network: torch, or onnxruntime / openvino on an ONNX file exported once into "
              "the checkpoint cache; auto = the fastest installed on the CPU (fp32: openvino, onnxruntime, "
-             "torch; bf16: openvino on CPUs with bf16 units), starting on torch while that runtime is "
+             "torch, or onnxruntime first on AVX2 CPUs without AVX-512; bf16: openvino on CPUs with bf16 "
+             "units), starting on torch while that runtime is "
              "exported and loaded in the background, and torch only for a job too short to repay it; "
              "torch on GPUs; $SCHP_BACKEND sets the default")
 

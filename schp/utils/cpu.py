@@ -23,3 +23,10 @@ def native_bf16(flags: Optional[frozenset] = None) -> Optional[bool]:
     """True where the CPU has bf16 units, False where it has none, None where the flags are unknown."""
     flags = cpu_flags() if flags is None else flags
     return None if flags is None else bool(flags & BF16_CPU_FLAGS)
+
+
+def avx2_without_avx512(flags: Optional[frozenset] = None) -> bool:
+    """Whether this is an x86 CPU with AVX2 and no AVX-512 (`auto` orders the runtimes by such classes of
+    CPU, as measured); False where the flags are unknown."""
+    flags = cpu_flags() if flags is None else flags
+    return flags is not None and "avx2" in flags and "avx512f" not in flags
