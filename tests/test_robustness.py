@@ -33,12 +33,12 @@ def partial_files(folder):
     return [p for p in Path(folder).rglob("*") if ".schp-tmp-" in p.name]
 
 
-def test_mixed_folder_gives_maps_for_good_files_and_one_line_per_bad_one(checkpoints, run_cli, tmp_path):
+def test_mixed_folder_gives_maps_for_good_files_and_one_line_per_bad_one(small_model, run_cli, tmp_path):
     inputs, out = tmp_path / "in", tmp_path / "out"
     kinds = corpus.make_mixed_folder(inputs)
     images = [n for n, k in kinds.items() if k != "not-an-image"]
     refused = expected_collisions(images)
-    code, _, err = run_cli("--model-restore", checkpoints("pascal"), "--input-dir", inputs, "--output-dir", out)
+    code, _, err = run_cli(*small_model, "--input-dir", inputs, "--output-dir", out)
     assert code == 1
     lines = err.strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
@@ -161,7 +161,7 @@ def feed_if_read(fifo: Path, data: bytes, proc) -> None:
 
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
-def test_interrupted_run_leaves_no_partial_file_and_resumes_to_the_same_result(checkpoints, tmp_path, how):
+def test_interrupted_run_leaves_no_partial_file_and_resumes_to_the_same_result(small_model, tmp_path, how):
     inputs, out, reference = tmp_path / "in", tmp_path / "out", tmp_path / "reference"
     make_photos(inputs, 6)
     # The last input is a named pipe, fed only after the signal: the run cannot end before it, however
@@ -169,8 +169,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes_to_the_same_result(c
     held = inputs / "img99.png"
     os.mkfifo(held)
     held_image = np.roll(corpus.base_bgr(160, 120), 50, axis=0)
-    base = CLI + ["--model-restore", str(checkpoints("pascal")), "--input-dir", str(inputs), "--quiet",
-                  "--logits"]
+    base = CLI + small_model + ["--input-dir", str(inputs), "--quiet", "--logits"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     summary = tmp_path / "run.json"
     proc = subprocess.Popen(base + ["--output-dir", str(out), "--summary", str(summary)], stderr=subprocess.PIPE,
