@@ -51,18 +51,13 @@ def checkpoints():
 @pytest.fixture(scope="session")
 def small_model(checkpoints):
     """Command-line arguments of a train.py-style checkpoint (`--dataset custom`): pascal's seed-0 weights
-    and labels with a 128 x 128 input. For tests of a run's mechanics (signals, bad inputs, resuming),
-    where the network's input size only costs time: a 512 x 512 forward pass takes 1.5-2 s on a 2-core
-    AVX2 CPU, a 128 x 128 one about a sixteenth of that."""
-    import torch
-    from schp.checkpoint import label_facts, read_state_dict
-    from schp.data.catalog import DATASETS, custom_spec
+    and labels with a small input (service_server.SMALL_INPUT). For tests of a run's mechanics (signals,
+    bad inputs, resuming), where the network's input size only costs time: a 512 x 512 forward pass
+    takes 1.5-2 s on a 2-core AVX2 CPU, a 160 x 160 one about a tenth of that."""
+    from service_server import small_checkpoint
 
-    pascal = DATASETS["pascal"]
-    spec = custom_spec(pascal.num_classes, pascal.labels, (128, 128), pascal.flip_pairs)
-    path = SESSION / "checkpoints" / "small-pascal-128.pth"
-    torch.save({"state_dict": read_state_dict(checkpoints("pascal")), **label_facts(spec, pascal.flip_pairs)}, path)
-    return ["--dataset", "custom", "--model-restore", str(path)]
+    folder = SESSION / "checkpoints"
+    return ["--dataset", "custom", "--model-restore", str(small_checkpoint(checkpoints("pascal"), folder))]
 
 
 @pytest.fixture(autouse=True)

@@ -118,23 +118,21 @@ def test_overlay_blends_the_colour_map_over_the_image(checkpoints, run_cli, tmp_
     assert np.abs(overlay[~person] - image[~person]).mean() < 12
 
 
-def test_recursive_mode_mirrors_subfolders(checkpoints, run_cli, tmp_path):
+def test_recursive_mode_mirrors_subfolders(small_model, run_cli, tmp_path):
     inputs = photos(tmp_path / "in", ["top.jpg", "x/one.jpg", "x/y/two.png"])
-    code, _, err = run_cli("--model-restore", checkpoints("pascal"), "--input-dir", inputs,
+    code, _, err = run_cli(*small_model, "--input-dir", inputs,
                            "--output-dir", tmp_path / "out", "--recursive")
     assert code == 0, err
     written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png"))
     assert written == ["top.png", "x/one.png", "x/y/two.png"]
-    code, _, err = run_cli("--model-restore", checkpoints("pascal"), "--input-dir", inputs,
-                           "--output-dir", tmp_path / "flat")
+    code, _, err = run_cli(*small_model, "--input-dir", inputs, "--output-dir", tmp_path / "flat")
     assert code == 0 and sorted(p.name for p in (tmp_path / "flat").iterdir()) == ["top.png"]
 
 
-def test_quiet_hides_the_progress_bar_but_not_errors(checkpoints, tmp_path):
+def test_quiet_hides_the_progress_bar_but_not_errors(small_model, tmp_path):
     inputs = photos(tmp_path / "in", ["a.jpg"])
     (inputs / "bad.png").write_text("not a png")
-    base = [sys.executable, str(ROOT / "simple_extractor.py"), "--model-restore", str(checkpoints("pascal")),
-            "--input-dir", str(inputs)]
+    base = [sys.executable, str(ROOT / "simple_extractor.py"), *small_model, "--input-dir", str(inputs)]
     loud = subprocess.run(base + ["--output-dir", str(tmp_path / "o1")], capture_output=True, text=True)
     quiet = subprocess.run(base + ["--output-dir", str(tmp_path / "o2"), "--quiet"], capture_output=True,
                            text=True)

@@ -201,7 +201,7 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert cpu_flags(str(tmp_path / "absent")) is None
 
 
-def test_bf16_on_a_cpu_without_bf16_units_names_the_faster_choice(checkpoints, run_cli, tmp_path, monkeypatch):
+def test_bf16_on_a_cpu_without_bf16_units_names_the_faster_choice(small_model, run_cli, tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     warning = slow_bf16_warning(cpu, "bf16", frozenset({"avx2", "fma"}))
     assert isinstance(warning, SCHPWarning)
@@ -214,7 +214,7 @@ def test_bf16_on_a_cpu_without_bf16_units_names_the_faster_choice(checkpoints, r
     assert (slow_bf16_warning(cpu, "bf16") is not None) == (real is not None and not real & inference.BF16_CPU_FLAGS)
     # the command line on a CPU reporting AVX2 only (the flags are what is replaced, not the model)
     monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx2"}))
-    code, _, err = run_cli("--model-restore", checkpoints("pascal"), "--input-dir", one_image(tmp_path / "in"),
+    code, _, err = run_cli(*small_model, "--input-dir", one_image(tmp_path / "in"),
                            "--output-dir", tmp_path / "out", "--precision", "bf16", "--device", "cpu")
     assert code == 0, err
     assert [line for line in err.splitlines() if line.startswith("warning:")] == [
