@@ -5,6 +5,7 @@ tests/data/synth_checkpoint.py (copied from the project's reference material), s
 """
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,13 @@ sys.path.insert(0, str(DATA))
 SESSION = Path(tempfile.mkdtemp(prefix="schp-tests-"))
 SESSION_CACHE = SESSION / "cache"
 os.environ["SCHP_CACHE_DIR"] = str(SESSION_CACHE)
+
+# A suite started as a background job of a shell without job control (`pytest &` in a script) inherits
+# SIGINT ignored, and so would every command it starts; those rightly keep ignoring it (as under nohup),
+# and the Ctrl-C tests could not interrupt them. Caught here, it is at its default again in every child
+# (exec resets a caught signal, never an ignored one).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from synth_checkpoint import save_checkpoint, synthetic_checkpoint  # noqa: E402
 
