@@ -756,9 +756,8 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
                   f"{rate_before:.0f} / {rate_after:.0f} GFLOP/s before / after: {rec['x_limit_at_the_time']:.2f} x "
                   f"the limit at the time (other load {rec['other_load_cores']:.2f} cores)", flush=True)
             runs[text].append(rec)
-            for p, rate in ((precision, rate_before), (precision, rate_after)):  # the study's best rate too
-                conv[p]["best_gflops"] = max(conv[p]["best_gflops"], rate)
-                limit[p] = graph_gflop / conv[p]["best_gflops"]
+            conv[precision]["best_gflops"] = max(conv[precision]["best_gflops"], rate_before, rate_after)
+            limit[precision] = graph_gflop / conv[precision]["best_gflops"]  # the study's best rate so far
     for text, recs in runs.items():
         records[text] = min(recs, key=lambda r: r["per_image"])
         records[text]["per_image_runs"] = [r["per_image"] for r in recs]

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from schp.backends import RuntimePlan, export_for_runtimes, load_runner, runtime_file
 from schp.data.catalog import DatasetSpec
@@ -33,18 +33,16 @@ STOP_WAIT_S = 10  # how long close() waits for a stopped child before killing it
 
 
 class BackgroundRuntime:
-    """The runtime of `plan` (or a backend's name) for this checkpoint, prepared in the background from
-    `start(shape)` on.
+    """The runtime of `plan` for this checkpoint, prepared in the background from `start(shape)` on.
 
     `ready()` is the runner once it can run (None before, and for good after a failure: `error` then
     says why); `close()` stops a child export still running, leaving no file of it behind.
     """
 
-    def __init__(self, plan: Union[RuntimePlan, str], spec: DatasetSpec, state_dict: Dict[str, torch.Tensor],
+    def __init__(self, plan: RuntimePlan, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor],
                  precision: str = "fp32", cache_dir: Optional[Path] = None, threads: Optional[int] = None):
         import torch
 
-        plan = RuntimePlan(plan) if isinstance(plan, str) else plan
         self.backend, self._digest = plan.backend, plan.digest
         self.spec, self.precision, self.cache_dir = spec, precision, cache_dir
         self.threads = threads or torch.get_num_threads()  # the runtime's, once it runs (as torch's now)

@@ -74,8 +74,8 @@ def slow_bf16_warning(device: torch.device, precision: str,
     """The warning to give when bf16 is asked for on a CPU without bf16 units, where it is slower than fp32.
 
     Without native bf16 every bf16 convolution is emulated (converted to and from fp32): a 512 x 512 forward
-    pass took 7.1 x its fp32 time on an AVX2-only CPU (benchmarks/bf16_cpu.py, AMD EPYC of family 25). `flags` defaults to those of this machine; unknown
-    flags (no /proc/cpuinfo) give no warning.
+    pass took 7.1 x its fp32 time on an AVX2-only CPU (benchmarks/bf16_cpu.py, AMD EPYC of family 25).
+    `flags` defaults to those of this machine; unknown flags (no /proc/cpuinfo) give no warning.
     """
     if precision != "bf16" or device.type != "cpu":
         return None

@@ -87,8 +87,8 @@ def add_backend(p) -> None:
         help="what runs the network: torch, or onnxruntime / openvino on an ONNX file exported once into "
              "the checkpoint cache; auto = the fastest installed on the CPU (fp32: openvino, onnxruntime, "
              "torch, or onnxruntime first on AVX2 CPUs without AVX-512; bf16: openvino on CPUs with bf16 "
-             "units), starting on torch while that runtime is "
-             "exported and loaded in the background, and torch only for a job too short to repay it; "
+             "units), starting on torch while that runtime is exported and loaded in the background, and "
+             "torch only for a job too short to repay it; "
              "torch on GPUs; $SCHP_BACKEND sets the default")
 
 
