@@ -538,8 +538,14 @@ def test_flip_and_scales_reach_both_parsers(tmp_path, cihp, capsys):
     assert len(err) == 1 and err[0].startswith("error: --multi-scales a: expected numbers"), err
 
 
-def test_backend_runs_both_networks_with_the_same_maps(tmp_path, capsys, cihp, small_group):
-    """--backend reaches the global and the local parser: OpenVINO on exported files gives torch's maps."""
+def test_backend_runs_both_networks_with_the_same_maps(tmp_path, capsys, cihp, small_group, monkeypatch):
+    """--backend reaches the global and the local parser: OpenVINO on exported files gives torch's maps.
+    Each checkpoint is read once, though the local network's export starts beside the global one's."""
+    import schp.checkpoint
+
+    reads, load_checkpoint = [], schp.checkpoint.load_checkpoint
+    monkeypatch.setattr(schp.checkpoint, "load_checkpoint",
+                        lambda spec, path, **kw: reads.append(Path(path).name) or load_checkpoint(spec, path, **kw))
     image_path, ids = small_group
     in_dir, mask_dir = tmp_path / "in", tmp_path / "masks"
     in_dir.mkdir(), mask_dir.mkdir()
@@ -554,6 +560,8 @@ def test_backend_runs_both_networks_with_the_same_maps(tmp_path, capsys, cihp, s
         assert code == 0, err
         assert ("exporting the cihp-global network" in err) == (backend == "openvino")
         assert json.loads((tmp_path / f"{backend}.json").read_text())["backend"] == backend
+        assert reads == [Path(cihp[0]).name, Path(cihp[1]).name], reads
+        reads.clear()
         maps[backend] = [np.array(Image.open(out / folder / "group.png"))
                          for folder in ("global_parsing", "instance_parsing", "global_tag")]
     assert maps["torch"][0].any() and maps["torch"][1].any()

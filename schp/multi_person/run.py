@@ -228,50 +228,48 @@ def make_source(options: MultiPersonOptions, names: List[str], device):
 
 
 def load_parsers(options: MultiPersonOptions, device):
-    """((global, local) HumanParsers, their checkpoint paths), through the one loading path."""
-    from schp.checkpoint import CheckpointError
+    """((global, local) HumanParsers, their checkpoint paths). Both checkpoints are read first, through
+    the one loading path (checkpoint.load_checkpoint), so that the local network's export can start
+    beside the global one's from the weights already in memory (each file is read once)."""
+    from schp.checkpoint import CheckpointError, default_cache_dir, load_checkpoint
     from schp.data.catalog import MULTI_PERSON
-    from schp.multi_person.parsing import load_parser
+    from schp.inference import HumanParser
 
-    parsers, paths = [], []
-    specs = {role: dataclasses.replace(MULTI_PERSON[role], input_size=tuple(options.input_size))
-             for role in ("global", "local")}
-    beside = export_local_beside(specs["local"], options, device)
+    roles = ("global", "local")
+    specs = {role: dataclasses.replace(MULTI_PERSON[role], input_size=tuple(options.input_size)) for role in roles}
+    states, paths = {}, []
+    for role, given in zip(roles, (options.global_checkpoint, options.local_checkpoint)):
+        try:
+            states[role], path = load_checkpoint(specs[role], given or None, allow_download=None,
+                                                 cache_dir=default_cache_dir())
+        except CheckpointError as err:
+            raise SetupError(str(err), f"{role}_checkpoint") from None
+        paths.append(path)
+    beside = export_local_beside(specs["local"], states["local"], options.backend, device)
+    parsers = []
     try:
-        for role, given in (("global", options.global_checkpoint), ("local", options.local_checkpoint)):
+        for role in roles:
             if role == "local" and beside is not None:
                 beside.join()  # its file is in the cache now, unless it failed: the local parser then exports
-            try:
-                parser, path = load_parser(specs[role], given or None, allow_download=None, device=device,
-                                           precision=options.precision, flip=options.flip, scales=options.scales,
-                                           backend=options.backend)
-            except CheckpointError as err:
-                raise SetupError(str(err), f"{role}_checkpoint") from None
-            parsers.append(parser)
-            paths.append(path)
+            parsers.append(HumanParser(specs[role], states.pop(role), device, options.precision, flip=options.flip,
+                                       scales=options.scales, backend=options.backend))
     finally:
         if beside is not None:
             beside.stop()
     return parsers, paths
 
 
-def export_local_beside(spec, options: MultiPersonOptions, device):
+def export_local_beside(spec, state, backend: str, device):
     """With a runtime backend named and the local network's export not cached yet: its export started
     in a child process, so that it runs beside the global network's (about half the wait on two cores);
-    None otherwise. Only for a local checkpoint already on disk (a download comes in its turn)."""
+    None otherwise."""
     from schp.backends import export_path, missing_packages
     from schp.background_runtime import ChildExport
-    from schp.checkpoint import CheckpointError, default_cache_dir, load_checkpoint
 
-    if options.backend not in ("onnxruntime", "openvino") or getattr(device, "type", None) != "cpu" \
-            or missing_packages(options.backend, import_them=False):
+    if backend not in ("onnxruntime", "openvino") or getattr(device, "type", None) != "cpu" \
+            or missing_packages(backend, import_them=False):
         return None  # torch exports nothing, auto prepares its runtimes beside torch already, and a
         # backend that cannot run here is the global parser's error to report
-    try:
-        state, _ = load_checkpoint(spec, options.local_checkpoint or None, allow_download=False,
-                                   cache_dir=default_cache_dir())
-    except (CheckpointError, OSError, ValueError):
-        return None  # the local parser's own loading reports it, in its turn
     path = export_path(spec, state, None)
     if path is None or path.is_file():
         return None
