@@ -47,7 +47,7 @@ def files(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_torchrun_two_processes_equal_one_process(checkpoints, run_cli, tmp_path):
+def test_torchrun_two_processes_equal_one_process(small_model, run_cli, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i, (w, h) in enumerate([(64, 48), (48, 64)]):
@@ -57,7 +57,7 @@ def test_torchrun_two_processes_equal_one_process(checkpoints, run_cli, tmp_path
     for i in range(3):
         writer.write(np.roll(corpus.base_bgr(64, 48), 5 * i, axis=0))
     writer.release()
-    common = ["--model-restore", checkpoints("pascal"), "--device", "cpu", "--input-dir", inputs,
+    common = [*small_model, "--device", "cpu", "--input-dir", inputs,
               "--every", "3", "--logits"]
 
     code, _, err = run_cli(*common, "--output-dir", tmp_path / "one", "--summary", tmp_path / "one.json")
