@@ -6,6 +6,7 @@ reference is the torch path (HumanParser), itself checked against the original b
 Exports are slow, so each dataset is exported once per module (lip at 473 raw, atr at 512 labels, pascal
 at 512 through the backend cache).
 """
+import dataclasses
 import json
 import sys
 
@@ -18,7 +19,7 @@ from PIL import Image
 
 from schp.backends import resolve_backend
 from schp.commands import export as export_cli
-from schp.data.catalog import DATASETS
+from schp.data.catalog import DATASETS, custom_spec
 from schp.data.crop import prepare_image
 from schp.export import torchscript_asked_for
 from schp.networks.ce2p import BinAverage
@@ -193,9 +194,10 @@ def test_a_file_that_does_not_verify_is_removed_with_exit_1(checkpoints, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------- backends
-def test_backend_switch_end_to_end_on_a_folder(checkpoints, run_cli, tmp_path, capsys, monkeypatch):
-    """pascal at 512: the same folder through torch, onnxruntime (exports once into the cache) and
-    openvino (reuses that file); maps agree; test-time augmentation runs through the dynamic-size file."""
+def test_backend_switch_end_to_end_on_a_folder(small_model, run_cli, tmp_path, capsys, monkeypatch):
+    """pascal's weights at 160 (the run's mechanics; the network is the same at any input size): the same
+    folder through torch, onnxruntime (exports once into the cache) and openvino (reuses that file); maps
+    agree; test-time augmentation runs through the dynamic-size file."""
     monkeypatch.setenv("SCHP_CACHE_DIR", str(tmp_path / "cache"))  # a cache of its own: count its exports
     images = tmp_path / "in"
     images.mkdir()
@@ -208,23 +210,24 @@ def test_backend_switch_end_to_end_on_a_folder(checkpoints, run_cli, tmp_path, c
                               ("onnxruntime", "onnxruntime", "onnxruntime"), ("openvino", "openvino", "openvino"),
                               ("auto-cached", "auto", "torch")):
         out = tmp_path / run
-        code, _, err = run_cli("--dataset", "pascal", "--model-restore", checkpoints("pascal"), "--input-dir",
-                               images, "--output-dir", out, "--backend", backend, "--batch-size", "2",
-                               "--summary", tmp_path / f"{run}.json")
+        code, _, err = run_cli(*small_model, "--input-dir", images, "--output-dir", out, "--backend", backend,
+                               "--batch-size", "2", "--summary", tmp_path / f"{run}.json")
         assert code == 0, err
-        assert ("exporting the pascal network" in err) == (run == "onnxruntime")
+        assert ("exporting the custom network" in err) == (run == "onnxruntime")
         maps[run] = [np.array(Image.open(out / f"{n}.png")) for n in ("a", "b")]
         summary = json.loads((tmp_path / f"{run}.json").read_text())
         assert summary["backend"] == ran and summary["crops_by_backend"] == {ran: 2}
         if run == "auto-empty":
             assert not (tmp_path / "cache" / "exports").exists()
-    assert len(list((tmp_path / "cache" / "exports").glob("pascal-512x512-*.onnx"))) == 1
+    assert len(list((tmp_path / "cache" / "exports").glob("custom-160x160-*.onnx"))) == 1
     assert all((a == b).all() for a, b in zip(maps["auto-empty"], maps["torch"]))
     for backend in ("onnxruntime", "openvino", "auto-cached"):
         for got, expected in zip(maps[backend], maps["torch"]):
             assert (got == expected).mean() >= 0.9999, backend
 
-    spec, state = DATASETS["pascal"], read_state_dict(checkpoints("pascal"))
+    pascal = DATASETS["pascal"]
+    spec = custom_spec(pascal.num_classes, pascal.labels, (160, 160), pascal.flip_pairs)  # as the checkpoint says
+    state = read_state_dict(small_model[-1])
     crops = torch.from_numpy(prepare_image(0, person_like(7, 100, 100), spec.input_size).image[None])
     tta = dict(flip=True, scales=(0.75, 1.0))
     reference = HumanParser(spec, state, CPU, **tta).logits(crops)
@@ -295,7 +298,9 @@ def test_auto_starts_on_torch_and_switches_once_the_background_export_is_ready(c
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("SCHP_CACHE_DIR", str(cache))
-    spec, state = DATASETS["pascal"], read_state_dict(checkpoints("pascal"))
+    # pascal's network at 160 x 160: the switch is the same at any input size, each forward a tenth of 512's
+    spec = dataclasses.replace(DATASETS["pascal"], input_size=(160, 160))
+    state = read_state_dict(checkpoints("pascal"))
     images = [person_like(11, 240, 170), person_like(12, 180, 230)]
     reference = HumanParser(spec, state, CPU).parse(images)
     threads = torch.get_num_threads()
