@@ -131,7 +131,7 @@ class SCHP:
     >>> model.labels[labels[0, 0]], model.colorize(labels)
 
     `checkpoint`: a file (default: the released file of `dataset` under checkpoints/, downloaded when
-    missing). `device`: "auto", "cpu", "cuda", "cuda:N". `precision`: "fp32" (the original's maps),
+    missing); with dataset "custom", a checkpoint written by train.py, which holds its label set. `device`: "auto", "cpu", "cuda", "cuda:N". `precision`: "fp32" (the original's maps),
     "bf16", "fp16" (CUDA). `flip` / `scales`: test-time augmentation. `batch_size`: images per forward
     pass in parse_batch (the command line's --batch-size). `backend`: the inference engine.
     `labels_map`: maps in another label scheme (a JSON file as for --label-map, or a dict of its
@@ -145,11 +145,17 @@ class SCHP:
         from schp.data.label_map import resolve_label_map
         from schp.utils.palette import get_palette
 
-        if dataset not in DATASETS:
-            raise ParameterError(f"unknown dataset, expected one of {', '.join(sorted(DATASETS))}", "dataset", dataset)
+        from schp.checkpoint import spec_from_checkpoint
+
+        if dataset == "custom":  # the label set, input size and flip pairs come from the checkpoint
+            if checkpoint is None:
+                raise ParameterError("needs checkpoint=, a file written by train.py", "dataset", dataset)
+        elif dataset not in DATASETS:
+            raise ParameterError(f"unknown dataset, expected one of {', '.join(sorted(DATASETS))} or custom",
+                                 "dataset", dataset)
         if batch_size < 1:
             raise ParameterError("must be >= 1", "batch_size", batch_size)
-        self.spec = DATASETS[dataset]
+        self.spec = spec_from_checkpoint(Path(checkpoint)) if dataset == "custom" else DATASETS[dataset]
         self.label_map = resolve_label_map(labels_map, self.spec.labels)  # checked before the model loads
         self.parser, self.checkpoint = load_parser(self.spec, checkpoint, device, None, precision, allow_tf32,
                                                    flip=flip, scales=scales, backend=backend)

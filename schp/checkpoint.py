@@ -454,7 +454,7 @@ def spec_from_checkpoint(path: Path) -> DatasetSpec:
     facts = read_label_facts(path)
     if facts is None:
         raise CheckpointError(f"checkpoint {path} carries no label set (labels, input_size): "
-                              "--dataset custom needs a checkpoint written by train.py")
+                              "the dataset 'custom' needs a checkpoint written by train.py")
     try:
         return custom_spec(len(facts["labels"]), facts["labels"], facts["input_size"], facts["flip_pairs"])
     except ValueError as err:

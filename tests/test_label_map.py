@@ -64,14 +64,14 @@ def test_cli_refuses_a_bad_map_before_loading_the_model(run_cli, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_folder_video_and_api_maps_are_the_plain_maps_through_the_table(checkpoints, run_cli, tmp_path):
+def test_folder_video_and_api_maps_are_the_plain_maps_through_the_table(small_model, run_cli, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     corpus.make_good_jpg(inputs)
     make_video(inputs / "clip.mp4", 3)
     scheme = tmp_path / "scheme.json"
     scheme.write_text(json.dumps(SCHEME))
-    common = ("--model-restore", checkpoints("pascal"), "--device", "cpu", "--input-dir", inputs, "--overlay")
+    common = (*small_model, "--device", "cpu", "--input-dir", inputs, "--overlay")
     assert run_cli(*common, "--output-dir", tmp_path / "plain")[0] == 0
     code, _, err = run_cli(*common, "--output-dir", tmp_path / "mapped", "--label-map", scheme)
     assert code == 0, err
@@ -82,11 +82,12 @@ def test_folder_video_and_api_maps_are_the_plain_maps_through_the_table(checkpoi
         assert mode == "P" and len(np.unique(plain)) > 1, name  # a real map, not a blank one
         assert np.array_equal(mapped, table[plain]) and palette == [0, 0, 0, 250, 10, 10, 10, 10, 250], name
     from schp.api import SCHP
-    plain_model = SCHP("pascal", checkpoints("pascal"), device="cpu")
-    model = SCHP("pascal", checkpoints("pascal"), device="cpu", labels_map=SCHEME)
+    checkpoint = small_model[-1]  # pascal's labels, in a checkpoint of train.py's kind
+    plain_model = SCHP("custom", checkpoint, device="cpu")
+    model = SCHP("custom", checkpoint, device="cpu", labels_map=SCHEME)
     image = np.asarray(Image.open(inputs / "good.jpg"))
     assert np.array_equal(model.parse(image, color="rgb"), table[plain_model.parse(image, color="rgb")])
     assert model.labels == ("background", "upper", "lower")
     assert np.array_equal(model.parse(image, color="rgb"), read(tmp_path / "mapped" / "good.png")[1])
     with pytest.raises(SetupError, match="label_map"):
-        SCHP("pascal", checkpoints("pascal"), device="cpu", labels_map={"labels": ["a"], "map": {"Hat": "a"}})
+        SCHP("custom", checkpoint, device="cpu", labels_map={"labels": ["a"], "map": {"Hat": "a"}})

@@ -92,8 +92,11 @@ def test_the_api_names_its_own_parameters(checkpoints):
     with pytest.raises(ValueError) as caught:
         SCHP("pascal", checkpoints("pascal"), device="tpu")
     assert str(caught.value) == "device='tpu': expected auto, cpu, cuda or cuda:N"
-    with pytest.raises(ValueError, match=r"^dataset='coco': unknown dataset, expected one of atr, lip, pascal$"):
+    with pytest.raises(ValueError, match=r"^dataset='coco': unknown dataset, expected one of atr, lip, pascal or "
+                                         r"custom$"):
         SCHP("coco")
+    with pytest.raises(ValueError, match=r"^dataset='custom': needs checkpoint=, a file written by train.py$"):
+        SCHP("custom")
     with pytest.raises(ValueError, match=r"^batch_size=0: must be >= 1$"):
         SCHP("pascal", checkpoints("pascal"), batch_size=0)
     with pytest.raises(ValueError, match=r"^precision='fp16': fp16 needs a CUDA device"):
