@@ -161,6 +161,23 @@ def test_custom_labels_learn_resume_equals_uninterrupted_and_extract(tmp_path, r
                            "--legend")
     assert code == 0 and "square" in out and "4 classes" in out
 
+    # evaluate.py reads the same label set from the checkpoint; with the true crop centres its maps are
+    # the extractor's, so its mean IoU is the released formula over those maps and the ground truth
+    from schp.commands import evaluate
+    assert evaluate.main(["--dataset", "custom", "--model-restore", str(whole / "schp_2_checkpoint.pth.tar"),
+                          "--data-dir", str(data), "--split", "train", "--float-centers", "--quiet",
+                          "--summary", str(tmp_path / "eval.json")]) == 0
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    confusion = np.zeros((4, 4))
+    for name in ("img_train_000", "img_train_001"):
+        gt = np.array(Image.open(data / "train_segmentations" / f"{name}.png")).astype(int)
+        pred = np.array(Image.open(tmp_path / "out" / f"{name}.png")).astype(int)
+        np.add.at(confusion, (gt[gt != 255], pred[gt != 255]), 1)
+    tp = np.diag(confusion)
+    iou = tp / np.maximum(1, confusion.sum(0) + confusion.sum(1) - tp) * 100
+    assert scored["labels"] == ["bg", "square", "disc", "box"] and scored["dataset"] == "custom"
+    assert scored["mean_iou"] == pytest.approx(iou.mean(), abs=1e-9) and 0 < iou.mean() < 100
+
 
 def sigterm_after_epoch(epoch, *argv):
     """Run train.py in a process of its own; SIGTERM it once the line of `epoch` is out (the next epoch

@@ -21,8 +21,10 @@ from schp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SCHP
 
 def build_parser() -> argparse.ArgumentParser:
     p = options.CommandParser(description="Self-Correction Human Parsing evaluation: the released mIoU protocol.")
-    options.add_dataset(p, None, help="sets input size, classes, label names and flip pairs; default: the one "
-                                      "with --num-classes classes, else lip (the original's defaults)")
+    options.add_dataset(p, None, custom=True,
+                        help="sets input size, classes, label names and flip pairs; default: the one with "
+                             "--num-classes classes, else lip (the original's defaults); custom: those stored "
+                             "in --model-restore by train.py")
     p.add_argument("--data-dir", default="./data/LIP",
                    help="dataset root with <split>_id.txt, <split>_images/, <split>_segmentations/")
     p.add_argument("--split", default="val", help="which split: ids from <split>_id.txt")
@@ -77,7 +79,11 @@ def choose_spec(args):
     if name is None:
         matches = [d for d in DATASETS.values() if d.num_classes == args.num_classes]
         name = matches[0].name if args.num_classes is not None and len(matches) == 1 else "lip"
-    spec = DATASETS[name]
+    if name == "custom":  # the label set train.py stored in the checkpoint, in either mode
+        from schp.runs.extract import dataset_spec
+        spec = dataset_spec(name, args.model_restore)
+    else:
+        spec = DATASETS[name]
     if args.num_classes is not None and args.num_classes != spec.num_classes:
         raise SetupError(f"--num-classes {args.num_classes} does not match --dataset {name} "
                          f"({spec.num_classes} classes); {args.num_classes} classes is "
