@@ -181,6 +181,20 @@ def test_torch_formats_reload_and_agree(fmt, exported, parsers, capsys):
     assert float((upsampled - reference).abs().max() / reference.abs().max()) < 1e-4
 
 
+def test_a_train_py_checkpoint_exports_with_the_label_set_it_holds(small_model, tmp_path, capsys):
+    """--dataset custom: classes and input size come from the checkpoint, as for the extractor."""
+    out = tmp_path / "mine.ts"
+    code, stdout, err = run_export(capsys, *small_model, "--output", out, "--format", "torchscript")
+    assert code == 0, err
+    assert "exporting custom" in err and "input 1 x 3 x 160 x 160" in err and "argmax agreement" in stdout
+    with torch.inference_mode(), torchscript_asked_for():
+        parsing, fusion, edge = torch.jit.load(str(out))(torch.zeros(1, 3, 160, 160))
+    assert parsing.shape == fusion.shape == (1, 7, 40, 40) and edge.shape == (1, 2, 40, 40)
+    code, _, err = run_export(capsys, "--dataset", "custom", "--output", tmp_path / "none.onnx")
+    assert code == 2
+    assert err.strip() == "error: --dataset custom needs --model-restore (a checkpoint written by train.py)"
+
+
 def test_a_file_that_does_not_verify_is_removed_with_exit_1(checkpoints, tmp_path, capsys, monkeypatch):
     import schp.export
 

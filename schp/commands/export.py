@@ -16,14 +16,14 @@ from typing import Optional, Sequence
 
 from schp.choices import DEFAULT_OPSET, FORMATS, OUTPUTS
 from schp.commands import options
-from schp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SCHPError
+from schp.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, SCHPError, SetupError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = options.CommandParser(
         description="Export the SCHP network of a checkpoint to ONNX, TorchScript or a torch.export "
                     "program, verified against PyTorch after writing.")
-    options.add_dataset(p, "pascal")
+    options.add_dataset(p, "pascal", custom=True)
     options.add_model_restore(p)
     p.add_argument("--output", required=True, help="file to write (e.g. parsing_atr.onnx)")
     p.add_argument("--format", default="onnx", choices=FORMATS,
@@ -70,18 +70,18 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         args = parse_args(argv)
     except SystemExit as stop:  # --help, --version, a usage error: its exit code, for callers of main()
         return stop.code
-    from schp.data.catalog import DATASETS
     from schp.checkpoint import CheckpointError
     from schp.export import ExportError, check_options, export
+    from schp.runs.extract import dataset_spec
 
-    spec = DATASETS[args.dataset]
     output = Path(args.output)
     try:
+        spec = dataset_spec(args.dataset, args.model_restore)  # custom: the label set in the checkpoint
         check_options(args.format, args.precision, args.outputs, args.opset)
         if output.is_dir():
             raise ExportError(f"--output {output} is a folder; give a file name")
         state, checkpoint = load_state(args, spec)
-    except (CheckpointError, ExportError) as err:
+    except (CheckpointError, ExportError, SetupError) as err:
         print(f"error: {options.flag_message(err)}", file=sys.stderr)
         return EXIT_SETUP
     n = "N" if args.dynamic_batch else "1"
