@@ -131,8 +131,8 @@ class SCHP:
     >>> model.labels[labels[0, 0]], model.colorize(labels)
 
     `checkpoint`: a file (default: the released file of `dataset` under checkpoints/, downloaded when
-    missing); with dataset "custom", a checkpoint written by train.py, which holds its label set. `device`: "auto", "cpu", "cuda", "cuda:N". `precision`: "fp32" (the original's maps),
-    "bf16", "fp16" (CUDA). `flip` / `scales`: test-time augmentation. `batch_size`: images per forward
+    missing; with dataset "custom", a checkpoint written by train.py, which holds its label set).
+    `device`: "auto", "cpu", "cuda", "cuda:N". `precision`: "fp32" (the original's maps), "bf16", "fp16" (CUDA). `flip` / `scales`: test-time augmentation. `batch_size`: images per forward
     pass in parse_batch (the command line's --batch-size). `backend`: the inference engine.
     `labels_map`: maps in another label scheme (a JSON file as for --label-map, or a dict of its
     structure): parse returns those, and labels and colorize follow.
@@ -142,10 +142,9 @@ class SCHP:
                  device="auto", precision: str = "fp32", flip: bool = False,
                  scales: Sequence[float] = (1.0,), backend: str = "torch", batch_size: int = 1,
                  allow_tf32: bool = False, labels_map=None):
+        from schp.checkpoint import spec_from_checkpoint
         from schp.data.label_map import resolve_label_map
         from schp.utils.palette import get_palette
-
-        from schp.checkpoint import spec_from_checkpoint
 
         if dataset == "custom":  # the label set, input size and flip pairs come from the checkpoint
             if checkpoint is None:

@@ -388,7 +388,7 @@ def person_detector(min_size=96):
 def test_torchvision_source_end_to_end(tmp_path, cihp, small_group):
     from schp.multi_person.instances import build_torchvision_detector
     from schp.multi_person.outputs import output_paths
-    from schp.multi_person.parsing import load_parser
+    from schp.inference import load_human_parser
     from schp.multi_person.run import ImageTask, MultiPersonJob, Settings
     from schp.runs.loop import run as run_loop
     from schp.data.catalog import MULTI_PERSON
@@ -421,8 +421,8 @@ def test_torchvision_source_end_to_end(tmp_path, cihp, small_group):
     in_dir = tmp_path / "in"
     in_dir.mkdir()
     cv2.imwrite(str(in_dir / "g.png"), image)
-    parsers = [load_parser(dataclasses.replace(MULTI_PERSON[role], input_size=(32, 32)), path, False,
-                           torch.device("cpu"))[0] for role, path in (("global", cihp[0]), ("local", cihp[1]))]
+    parsers = [load_human_parser(dataclasses.replace(MULTI_PERSON[role], input_size=(32, 32)), path,
+                                 torch.device("cpu"))[0] for role, path in (("global", cihp[0]), ("local", cihp[1]))]
     task = ImageTask(in_dir / "g.png", "g.png", output_paths(tmp_path / "out", "g"))
     report = run_loop(MultiPersonJob(*parsers, source, Settings(batch_size=8)), [task])
     assert report.count("processed") == 1

@@ -45,7 +45,7 @@ def test_every_command_answers_version_help_and_a_bad_choice_before_importing_to
     ("evaluate", ["--multi-scales", "a,b"], "--multi-scales a,b: expected numbers separated by commas"),
     ("multi_person", ["--input-dir", "in", "--output-dir", "out", "--multi-scales", "9"],
      "--multi-scales 9: each scale must be in (0, 4]"),
-    ("export", ["--dataset", "custom", "--output", "x.onnx"], "argument --dataset: invalid choice: 'custom'"),
+    ("export", ["--dataset", "coco", "--output", "x.onnx"], "argument --dataset: invalid choice: 'coco'"),
     ("train", ["--dataset", "coco"], "argument --dataset: invalid choice: 'coco'"),
     ("multi_person", ["--output-dir", "out"], "the following arguments are required: --input-dir"),
 ])

@@ -4,8 +4,7 @@ Both go through the shared model path (HumanParser.parse: the affine crop of the
 with the parser's flip / multi-scale averaging, the per-channel inverse warp), exactly what the
 released extension's evaluator writes as `.npy` logits.
 """
-from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -37,15 +36,3 @@ def image_logits(parser: HumanParser, images: Sequence[np.ndarray], batch_size: 
     for start in range(0, len(images), max(1, batch_size)):
         out.extend(logits for _, logits in parser.parse(images[start:start + batch_size], with_logits=True))
     return out
-
-
-def load_parser(spec, path: Optional[Path], allow_download: Optional[bool], device, precision: str = "fp32",
-                flip: bool = False, scales: Sequence[float] = (1.0,), backend: str = "torch") -> Tuple[HumanParser, Path]:
-    """A HumanParser for one of the CIHP checkpoints (either container), through the one loading path
-    (checkpoint.load_checkpoint: `path` None = the released file in the default folder; downloaded only
-    under its released name when `allow_download` is None). Raises CheckpointError or ValueError with a
-    one-line reason."""
-    from schp.inference import load_human_parser
-
-    return load_human_parser(spec, path, device, precision, allow_download=allow_download, flip=flip,
-                             scales=scales, backend=backend)
