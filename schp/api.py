@@ -20,6 +20,23 @@ COLORS = ("bgr", "rgb")
 Labels = np.ndarray  # H x W uint8 class indices
 
 
+def dataset_spec(dataset: str, checkpoint: Optional[Union[str, Path]] = None) -> DatasetSpec:
+    """The catalog's dataset, or for 'custom' the label set, input size and flip pairs that train.py
+    stored in `checkpoint`: how every front door that loads a network reads its dataset. Raises
+    ParameterError, or CheckpointError for a checkpoint without a label set."""
+    if dataset in DATASETS:
+        return DATASETS[dataset]
+    if dataset != "custom":
+        raise ParameterError(f"unknown dataset, expected one of {', '.join(sorted(DATASETS))} or custom",
+                             "dataset", dataset)
+    if checkpoint is None:
+        raise ParameterError("{dataset} needs {checkpoint} (a checkpoint written by train.py)",
+                             mentions={"dataset": "custom", "checkpoint": ...})
+    from schp.checkpoint import spec_from_checkpoint
+
+    return spec_from_checkpoint(Path(checkpoint))
+
+
 def load_parser(spec: DatasetSpec, checkpoint: Optional[Union[str, Path]] = None, device="auto",
                 gpu: Optional[str] = None, precision: str = "fp32", allow_tf32: bool = False,
                 **options):
@@ -132,8 +149,9 @@ class SCHP:
 
     `checkpoint`: a file (default: the released file of `dataset` under checkpoints/, downloaded when
     missing; with dataset "custom", a checkpoint written by train.py, which holds its label set).
-    `device`: "auto", "cpu", "cuda", "cuda:N". `precision`: "fp32" (the original's maps), "bf16", "fp16" (CUDA). `flip` / `scales`: test-time augmentation. `batch_size`: images per forward
-    pass in parse_batch (the command line's --batch-size). `backend`: the inference engine.
+    `device`: "auto", "cpu", "cuda", "cuda:N". `precision`: "fp32" (the original's maps), "bf16",
+    "fp16" (CUDA). `flip` / `scales`: test-time augmentation. `batch_size`: images per forward pass in
+    parse_batch (the command line's --batch-size). `backend`: the inference engine.
     `labels_map`: maps in another label scheme (a JSON file as for --label-map, or a dict of its
     structure): parse returns those, and labels and colorize follow.
     """
@@ -142,19 +160,12 @@ class SCHP:
                  device="auto", precision: str = "fp32", flip: bool = False,
                  scales: Sequence[float] = (1.0,), backend: str = "torch", batch_size: int = 1,
                  allow_tf32: bool = False, labels_map=None):
-        from schp.checkpoint import spec_from_checkpoint
         from schp.data.label_map import resolve_label_map
         from schp.utils.palette import get_palette
 
-        if dataset == "custom":  # the label set, input size and flip pairs come from the checkpoint
-            if checkpoint is None:
-                raise ParameterError("needs checkpoint=, a file written by train.py", "dataset", dataset)
-        elif dataset not in DATASETS:
-            raise ParameterError(f"unknown dataset, expected one of {', '.join(sorted(DATASETS))} or custom",
-                                 "dataset", dataset)
+        self.spec = dataset_spec(dataset, checkpoint)
         if batch_size < 1:
             raise ParameterError("must be >= 1", "batch_size", batch_size)
-        self.spec = spec_from_checkpoint(Path(checkpoint)) if dataset == "custom" else DATASETS[dataset]
         self.label_map = resolve_label_map(labels_map, self.spec.labels)  # checked before the model loads
         self.parser, self.checkpoint = load_parser(self.spec, checkpoint, device, None, precision, allow_tf32,
                                                    flip=flip, scales=scales, backend=backend)

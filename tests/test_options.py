@@ -95,7 +95,7 @@ def test_the_api_names_its_own_parameters(checkpoints):
     with pytest.raises(ValueError, match=r"^dataset='coco': unknown dataset, expected one of atr, lip, pascal or "
                                          r"custom$"):
         SCHP("coco")
-    with pytest.raises(ValueError, match=r"^dataset='custom': needs checkpoint=, a file written by train.py$"):
+    with pytest.raises(ValueError, match=r"^dataset='custom' needs checkpoint \(a checkpoint written by train.py\)$"):
         SCHP("custom")
     with pytest.raises(ValueError, match=r"^batch_size=0: must be >= 1$"):
         SCHP("pascal", checkpoints("pascal"), batch_size=0)

@@ -73,17 +73,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def choose_spec(args):
+    from schp.api import dataset_spec
     from schp.data.catalog import DATASETS, dataset_for_num_classes
 
     name = args.dataset
     if name is None:
         matches = [d for d in DATASETS.values() if d.num_classes == args.num_classes]
         name = matches[0].name if args.num_classes is not None and len(matches) == 1 else "lip"
-    if name == "custom":  # the label set train.py stored in the checkpoint, in either mode
-        from schp.runs.extract import dataset_spec
-        spec = dataset_spec(name, args.model_restore)
-    else:
-        spec = DATASETS[name]
+    spec = dataset_spec(name, args.model_restore)  # custom: the label set train.py stored, in either mode
     if args.num_classes is not None and args.num_classes != spec.num_classes:
         raise SetupError(f"--num-classes {args.num_classes} does not match --dataset {name} "
                          f"({spec.num_classes} classes); {args.num_classes} classes is "

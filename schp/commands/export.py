@@ -72,7 +72,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         return stop.code
     from schp.checkpoint import CheckpointError
     from schp.export import ExportError, check_options, export
-    from schp.runs.extract import dataset_spec
+    from schp.api import dataset_spec
 
     output = Path(args.output)
     try:

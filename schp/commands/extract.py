@@ -131,7 +131,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse_args(argv)
     from schp.commands.console import ConsoleReporter, emit
     if args.legend:
-        from schp.runs.extract import dataset_spec
+        from schp.api import dataset_spec
         print_legend(dataset_spec(args.dataset, args.model_restore))
         return EXIT_OK
     if args.integratedpifu_dir is None and not (args.input_dir and args.output_dir):

@@ -109,7 +109,8 @@ def bind(host: str, port: int) -> socket.socket:
 def load(args):
     """(HumanParser, checkpoint path) through the extractor's own loading path."""
     from schp.choices import parse_scales
-    from schp.runs.extract import ExtractOptions, dataset_spec, load_model
+    from schp.api import dataset_spec
+    from schp.runs.extract import ExtractOptions, load_model
 
     spec = dataset_spec(args.dataset, args.model_restore)
     return load_model(ExtractOptions(dataset=args.dataset, checkpoint=args.model_restore, device=args.device,

@@ -75,23 +75,6 @@ class Plan:
                 for task in self.tasks]
 
 
-def dataset_spec(dataset: str, checkpoint: Optional[PathLike] = None):
-    """The catalog's dataset, or for 'custom' the label set stored in the checkpoint."""
-    from schp.data.catalog import DATASETS
-    if dataset in DATASETS:
-        return DATASETS[dataset]
-    if dataset != "custom":
-        raise SetupError(f"expected one of {', '.join(sorted(DATASETS))} or custom", "dataset", dataset)
-    from schp.checkpoint import CheckpointError, spec_from_checkpoint
-    if checkpoint is None:
-        raise SetupError("{dataset} needs {checkpoint} (a checkpoint written by train.py)",
-                         mentions={"dataset": "custom", "checkpoint": ...})
-    try:
-        return spec_from_checkpoint(Path(checkpoint))
-    except CheckpointError as err:
-        raise SetupError(str(err)) from None
-
-
 def not_image_notes(others: List[Path], quiet: bool, summary: Optional[PathLike]) -> List[str]:
     """Lines about skipped non-image files: quiet gives one count; else the first few, then a count."""
     if not others:
@@ -449,6 +432,7 @@ def checked_options(options: Dict[str, Any]):
         raise TypeError(f"unknown option(s): {', '.join(unknown)}")
     o = ExtractOptions(**options)
     o.check()
+    from schp.api import dataset_spec
     spec = dataset_spec(o.dataset, o.checkpoint)
     from schp.data.label_map import resolve_label_map
     return o, spec, resolve_label_map(o.label_map, spec.labels)
