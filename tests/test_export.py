@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from schp.api import dataset_spec
 from schp.backends import resolve_backend
 from schp.commands import export as export_cli
-from schp.data.catalog import DATASETS, custom_spec
+from schp.data.catalog import DATASETS
 from schp.data.crop import prepare_image
 from schp.export import torchscript_asked_for
 from schp.networks.ce2p import BinAverage
@@ -239,9 +240,7 @@ def test_backend_switch_end_to_end_on_a_folder(small_model, run_cli, tmp_path, c
         for got, expected in zip(maps[backend], maps["torch"]):
             assert (got == expected).mean() >= 0.9999, backend
 
-    pascal = DATASETS["pascal"]
-    spec = custom_spec(pascal.num_classes, pascal.labels, (160, 160), pascal.flip_pairs)  # as the checkpoint says
-    state = read_state_dict(small_model[-1])
+    spec, state = dataset_spec("custom", small_model[-1]), read_state_dict(small_model[-1])
     crops = torch.from_numpy(prepare_image(0, person_like(7, 100, 100), spec.input_size).image[None])
     tta = dict(flip=True, scales=(0.75, 1.0))
     reference = HumanParser(spec, state, CPU, **tta).logits(crops)
