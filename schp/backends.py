@@ -254,27 +254,27 @@ class OpenVinoRunner:
 
 def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor],
                    precision: str = "fp32", cache_dir: Optional[Path] = None, quiet: bool = False,
-                   forwards: Optional[int] = None):
+                   forwards: Optional[int] = None, digest: Optional[str] = None):
     """(backend name, runner or None for torch, runtime to prepare beside torch or None) for `--backend name`.
 
     An explicit backend that cannot run raises BackendError, and is made ready before this returns.
     'auto' never waits for a runtime: it runs torch, and for a job long enough to repay the runtime's
     one-time costs (`forwards`, the forward passes it will make; None = unknown, taken as long) also
     names the runtime to prepare beside it (a `RuntimePlan` for schp.background_runtime), which the
-    parser switches to.
+    parser switches to. `digest`: the state dict's `state_dict_digest`, where the caller computed it.
     """
     backend = resolve_backend(name, device, precision)
     if backend == "torch":
         return backend, None, None
     if name == "auto":
-        plan = RuntimePlan(backend)
+        plan = RuntimePlan(backend, digest)
         if not export_repays(spec, state_dict, precision, cache_dir, forwards, plan):
             log.info("running the network with torch: %s forward passes do not repay %s's set-up (from %d, or %d "
                      "with its file cached)", forwards, backend, AUTO_EXPORT_MIN_FORWARDS[precision],
                      AUTO_CACHED_MIN_FORWARDS)
             return "torch", None, None
         return "torch", None, plan
-    return backend, make_runner(backend, spec, state_dict, precision, cache_dir, quiet), None
+    return backend, make_runner(backend, spec, state_dict, precision, cache_dir, quiet, digest), None
 
 
 class RuntimePlan:
@@ -297,7 +297,7 @@ def export_repays(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precis
         return True
     if forwards < AUTO_CACHED_MIN_FORWARDS:
         return False
-    digest = state_dict_digest(state_dict)
+    digest = (plan.digest if plan is not None else None) or state_dict_digest(state_dict)
     if plan is not None:
         plan.digest = digest
     path = export_path(spec, state_dict, cache_dir, digest)
@@ -314,13 +314,13 @@ def load_runner(backend: str, path: Path, precision: str = "fp32", threads: Opti
 
 
 def make_runner(backend: str, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precision: str = "fp32",
-                cache_dir: Optional[Path] = None, quiet: bool = False):
+                cache_dir: Optional[Path] = None, quiet: bool = False, digest: Optional[str] = None):
     """A callable N x 3 x h x w float32 -> N x C x h/4 x w/4 float32 fusion logits, for a non-torch backend.
 
     With the cache disabled (SCHP_CACHE_DIR='') the file is exported to a temporary folder, loaded, and
-    removed: every run then pays the export.
+    removed: every run then pays the export. `digest`: the state dict's `state_dict_digest`, where known.
     """
     if backend not in ("onnxruntime", "openvino"):
         raise BackendError(f"no runner for backend {backend!r}")
-    with runtime_file(spec, state_dict, cache_dir) as path:
+    with runtime_file(spec, state_dict, cache_dir, digest) as path:
         return load_runner(backend, exported(spec, state_dict, path, quiet), precision)

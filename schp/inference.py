@@ -91,13 +91,16 @@ class HumanParser:
 
     `logits(batch)` maps N x in_h x in_w x 3 uint8 BGR crops to N x C x in_h x in_w float32 fusion
     logits upsampled to the input size (align_corners=True), on the model's device. With `flip` and
-    `scales` the logits are the test-time-augmented average of the released evaluator.
+    `scales` the logits are the test-time-augmented average of the released evaluator. `state_digest`: the
+    weights' `schp.backends.state_dict_digest` where the caller has it already (a runtime backend finds
+    its exported file by it; computing it reads every weight).
     """
 
     def __init__(self, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], device: torch.device,
                  precision: str = "fp32", allow_tf32: bool = False,
                  postprocess_on_device: Optional[bool] = None, flip: bool = False,
-                 scales: Sequence[float] = (1.0,), backend: str = "torch", expected_images: Optional[int] = None):
+                 scales: Sequence[float] = (1.0,), backend: str = "torch", expected_images: Optional[int] = None,
+                 state_digest: Optional[str] = None):
         if precision not in PRECISIONS:
             raise ParameterError(f"expected {', '.join(PRECISIONS)}", "precision", precision)
         scales = tuple(float(s) for s in scales)
@@ -123,7 +126,7 @@ class HumanParser:
         # expected_images: how many images the job will parse (None: unknown), for auto's export choice
         forwards = None if expected_images is None else expected_images * len(scales) * (2 if flip else 1)
         self.backend, self.runner, upgrade = network_runner(backend, device, spec, state_dict, precision,
-                                                            forwards=forwards)
+                                                            forwards=forwards, digest=state_digest)
         self.threads = torch.get_num_threads()  # torch's, and the prepared runtime's once it runs
         self.background = None if upgrade is None else BackgroundRuntime(upgrade, spec, state_dict, precision,
                                                                          threads=self.threads)

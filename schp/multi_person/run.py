@@ -245,14 +245,16 @@ def load_parsers(options: MultiPersonOptions, device):
         except CheckpointError as err:
             raise SetupError(str(err), f"{role}_checkpoint") from None
         paths.append(path)
-    beside = export_local_beside(specs["local"], states["local"], options.backend, device)
+    beside, local_digest = export_local_beside(specs["local"], states["local"], options.backend, device)
+    digests = {"global": None, "local": local_digest}
     parsers = []
     try:
         for role in roles:
             if role == "local" and beside is not None:
                 beside.join()  # its file is in the cache now, unless it failed: the local parser then exports
             parsers.append(HumanParser(specs[role], states.pop(role), device, options.precision, flip=options.flip,
-                                       scales=options.scales, backend=options.backend))
+                                       scales=options.scales, backend=options.backend,
+                                       state_digest=digests[role]))
     finally:
         if beside is not None:
             beside.stop()
@@ -260,20 +262,22 @@ def load_parsers(options: MultiPersonOptions, device):
 
 
 def export_local_beside(spec, state, backend: str, device):
-    """With a runtime backend named and the local network's export not cached yet: its export started
-    in a child process, so that it runs beside the global network's (about half the wait on two cores);
-    None otherwise."""
-    from schp.backends import export_path, missing_packages
+    """(export, digest): with a runtime backend named and the local network's export not cached yet, its
+    export started in a child process, so that it runs beside the global network's (about half the wait
+    on two cores), else None; and the weights' digest where it was computed to find the file, else None
+    (the local parser finds its file by it without reading every weight again)."""
+    from schp.backends import export_path, missing_packages, state_dict_digest
     from schp.background_runtime import ChildExport
 
     if backend not in ("onnxruntime", "openvino") or getattr(device, "type", None) != "cpu" \
             or missing_packages(backend, import_them=False):
-        return None  # torch exports nothing, auto prepares its runtimes beside torch already, and a
-        # backend that cannot run here is the global parser's error to report
-    path = export_path(spec, state, None)
+        return None, None  # torch exports nothing, auto prepares its runtimes beside torch already, and
+        # a backend that cannot run here is the global parser's error to report
+    digest = state_dict_digest(state)
+    path = export_path(spec, state, None, digest)
     if path is None or path.is_file():
-        return None
-    return ChildExport(spec, state, path).start()
+        return None, digest
+    return ChildExport(spec, state, path).start(), digest
 
 
 def manifest_record(options: MultiPersonOptions, source, checkpoints, device, report: RunReport) -> Dict[str, Any]:
