@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on a machine with CUDA, from a checkout, in about 8 minutes:
-#   1. a virtual environment with torch 2.14.1 / torchvision 0.29.1 (CUDA build) and requirements.txt,
-#      requirements-test.txt (skipped with REUSE_VENV=1 when the venv exists);
+#   1. the Python to run it: $PYTHON if set; else the machine's python3 as it is, when it already holds
+#      a CUDA build of torch and this project's run-time and test packages (GPU images ship them, often
+#      on machines that cannot reach a package registry: nothing is installed then); else a virtual
+#      environment with torch 2.14.1 / torchvision 0.29.1 (CUDA build) and requirements.txt,
+#      requirements-test.txt, installed from the registry (skipped with REUSE_VENV=1 when it exists);
 #   2. the CUDA-only checks and the GPU throughput benchmark (benchmarks/gpu_check.py: GPU inverse warp and
 #      argmax against the CPU path, fp32 / bf16 / fp16 maps, the command line on CUDA, torchrun with every
 #      GPU over NCCL; images/s end to end at batch 1, 8, 32 in fp32, bf16, fp16, and the model alone);
@@ -11,6 +14,8 @@
 # 77 when the machine has no CUDA (nothing measured), 2 when the set-up failed.
 #
 #   bash benchmarks/gpu_check.sh [OUT]
+#   REHEARSE_ON_CPU=1 bash benchmarks/gpu_check.sh [OUT]   # every step on the CPU, small: proves the script
+#                                                           # runs where no GPU is; its figures mean nothing
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,9 +35,38 @@ else
 fi
 say "GPUs seen by nvidia-smi: $GPUS"
 
-if [ "${REUSE_VENV:-0}" = 1 ] && [ -x "$PY" ]; then
+# whether Python $1 can run the check as it is: prints what it holds, exit 0 when it can
+ready() {
+    "$1" - <<'PY'
+import os, sys
+try:
+    import cv2, numpy, PIL, pytest, torch, tqdm  # noqa: F401  requirements.txt and the device tests
+except ImportError as err:
+    sys.exit(f"missing package: {err.name}")
+held = (f"Python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"OpenCV {cv2.__version__}, numpy {numpy.__version__}")
+if not cv2.__version__.startswith("4."):
+    sys.exit(f"{held}; OpenCV is not 4.x")  # 5.x changes the warp, and with it the maps
+if not torch.cuda.is_available() and os.environ.get("REHEARSE_ON_CPU") != "1":
+    sys.exit(f"{held}; this torch sees no CUDA device")
+print(held)
+PY
+}
+
+MACHINE=$(ready python3 2>&1); MACHINE_READY=$?
+if [ -n "${PYTHON:-}" ]; then
+    PY="$PYTHON"
+    say "using PYTHON=$PY as it is: $(ready "$PY" 2>&1 | tr '\n' ' ')"
+elif [ "$MACHINE_READY" = 0 ]; then
+    PY=$(command -v python3)
+    say "using the machine's $PY as it is (nothing installed): $MACHINE"
+elif [ "$GPUS" = 0 ] && [ "${REHEARSE_ON_CPU:-0}" != 1 ]; then
+    say "no GPU on this machine (nvidia-smi lists none, and python3: ${MACHINE:-none}): nothing installed or measured"
+    exit 77
+elif [ "${REUSE_VENV:-0}" = 1 ] && [ -x "$PY" ]; then
     say "reusing $VENV"
 else
+    say "the machine's python3 cannot run the check as it is (${MACHINE:-no python3})"
     say "installing into $VENV (pip log: $OUT/pip.log)"
     { python3 -m venv "$VENV" &&
       "$PY" -m pip install -q --upgrade pip &&
@@ -40,16 +74,18 @@ else
       "$PY" -m pip install -q -r "$ROOT/requirements.txt" -r "$ROOT/requirements-test.txt"; } \
         > "$OUT/pip.log" 2>&1 || { say "set-up failed: see $OUT/pip.log"; exit 2; }
 fi
-say "install done after $(( $(date +%s) - START )) s"
+say "set-up done after $(( $(date +%s) - START )) s"
 
-TORCHRUN=()
-[ "$GPUS" -ge 1 ] && TORCHRUN=(--torchrun)
-timeout 330 "$PY" "$ROOT/benchmarks/gpu_check.py" --out "$OUT" "${TORCHRUN[@]}" 2>&1 | tee -a "$OUT/summary.txt"
+ARGS=()
+[ "$GPUS" -ge 1 ] && ARGS=(--torchrun)
+[ "${REHEARSE_ON_CPU:-0}" = 1 ] && ARGS=(--rehearse-on-cpu --torchrun)
+timeout 330 "$PY" "$ROOT/benchmarks/gpu_check.py" --out "$OUT" "${ARGS[@]}" 2>&1 | tee -a "$OUT/summary.txt"
 CHECK=${PIPESTATUS[0]}
 if [ "$CHECK" = 77 ]; then
     say "no CUDA on this machine: nothing measured"
     exit 77
 fi
+[ "$CHECK" = 124 ] && say "gpu_check.py stopped at its 330 s limit: $OUT/gpu_check.json holds what it measured"
 
 # the suite's tests that take another branch with CUDA present (device choice, GPU warnings, setup)
 ( cd "$ROOT" && timeout 120 "$PY" -m pytest -q -p no:cacheprovider \
