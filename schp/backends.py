@@ -267,7 +267,9 @@ def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dic
     if backend == "torch":
         return backend, None, None
     if name == "auto":
-        plan = RuntimePlan(backend, digest)
+        rivals = tuple(b for b in auto_order(precision) if b not in ("torch", backend)
+                       and not missing_packages(b, import_them=False))
+        plan = RuntimePlan(backend, digest, rivals)
         if not export_repays(spec, state_dict, precision, cache_dir, forwards, plan):
             log.info("running the network with torch: %s forward passes do not repay %s's set-up (from %d, or %d "
                      "with its file cached)", forwards, backend, AUTO_EXPORT_MIN_FORWARDS[precision],
@@ -278,14 +280,20 @@ def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dic
 
 
 class RuntimePlan:
-    """The runtime 'auto' prepares beside torch, and the checkpoint's digest once computed (so the
-    background does not read every weight again to find the file)."""
+    """The runtime 'auto' prepares beside torch, the checkpoint's digest once computed (so the background
+    does not read every weight again to find the file), and the other installed runtimes for the
+    precision (`rivals`), prepared too and timed against it on the job's own forward passes (the table
+    of `auto_order` was measured on a few CPUs; this CPU may rank them otherwise)."""
 
-    def __init__(self, backend: str, digest: Optional[str] = None):
-        self.backend, self.digest = backend, digest
+    def __init__(self, backend: str, digest: Optional[str] = None, rivals: tuple = ()):
+        self.backend, self.digest, self.rivals = backend, digest, tuple(rivals)
+
+    @property
+    def backends(self) -> tuple:
+        return (self.backend,) + self.rivals
 
     def __repr__(self) -> str:
-        return f"RuntimePlan({self.backend!r}, digest={self.digest!r})"
+        return f"RuntimePlan({self.backend!r}, digest={self.digest!r}, rivals={self.rivals!r})"
 
 
 def export_repays(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precision: str,

@@ -6,6 +6,8 @@ prepares the runtime beside it: the ONNX export, when the file is not cached yet
 (the exporter's tracing is not known to be safe beside a forward pass in the same process, and its
 memory goes back when the child ends), then the load and compile in a thread. The parser switches
 between two forward passes once the runtime is ready; if the export fails, the job stays on torch.
+Where more than one runtime is installed for the precision, all are loaded from the one file, and the
+parser times them on its next forward passes (`RuntimeTrial`) and keeps the fastest.
 Run as `python -m schp.background_runtime SPEC STATE OUT`, this module is that child.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from schp.backends import RuntimePlan, export_for_runtimes, load_runner, runtime_file
 from schp.data.catalog import DatasetSpec
@@ -33,23 +35,24 @@ STOP_WAIT_S = 10  # how long close() waits for a stopped child before killing it
 
 
 class BackgroundRuntime:
-    """The runtime of `plan` for this checkpoint, prepared in the background from `start(shape)` on.
+    """The runtimes of `plan` for this checkpoint, prepared in the background from `start(shape)` on.
 
-    `ready()` is the runner once it can run (None before, and for good after a failure: `error` then
-    says why); `close()` stops a child export still running, leaving no file of it behind.
+    `ready()` is {backend: runner} once one can run, in the plan's order (None before, and for good after
+    a failure of all: `error` then says why, of the plan's first); `close()` stops a child export still
+    running, leaving no file of it behind.
     """
 
     def __init__(self, plan: RuntimePlan, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor],
                  precision: str = "fp32", cache_dir: Optional[Path] = None, threads: Optional[int] = None):
         import torch
 
-        self.backend, self._digest = plan.backend, plan.digest
+        self.backend, self.backends, self._digest = plan.backend, plan.backends, plan.digest
         self.spec, self.precision, self.cache_dir = spec, precision, cache_dir
         self.threads = threads or torch.get_num_threads()  # the runtime's, once it runs (as torch's now)
         self._state_dict = state_dict
         self._done = threading.Event()
         self._lock = threading.Lock()
-        self._runner = None
+        self._runners: Optional[Dict[str, Callable]] = None
         self._child: Optional[ChildExport] = None
         self._closed = False
         self.thread: Optional[threading.Thread] = None
@@ -76,8 +79,8 @@ class BackgroundRuntime:
                                        name=f"schp-{self.backend}-setup")
         self.thread.start()
 
-    def ready(self):
-        return self._runner if self._done.is_set() else None
+    def ready(self) -> Optional[Dict[str, Callable]]:
+        return self._runners if self._done.is_set() else None
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the runtime is ready or has failed (True), or `timeout` seconds pass (False)."""
@@ -92,10 +95,20 @@ class BackgroundRuntime:
                              "torch runs meanwhile", self.spec.name, self.backend)
                     self._export_in_child(path)
                     self.exported = True
-                runner = load_runner(self.backend, path, self.precision, self.threads)
-                runner.prepare(shape)
+                runners, errors = {}, {}
+                for backend in self.backends:
+                    try:
+                        runner = load_runner(backend, path, self.precision, self.threads)
+                        runner.prepare(shape)
+                        runners[backend] = runner
+                    except Exception as err:  # one that fails to load is left out of the trial
+                        errors[backend] = err
+                if not runners:
+                    raise errors[self.backend]
+                for backend, err in errors.items():
+                    log.info("%s cannot run the exported network, left out: %s", backend, err)
             if not self._closed:
-                self._runner = runner
+                self._runners = runners
                 self.seconds = time.perf_counter() - t0
         except Exception as err:  # the job goes on with torch; the parser reports why
             self.error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
@@ -120,6 +133,51 @@ class BackgroundRuntime:
             child.stop()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(STOP_WAIT_S)
+
+
+class RuntimeTrial:
+    """Which of several loaded runtimes is fastest here, measured on the job's own forward passes.
+
+    The runtimes take turns (a turn: the forward passes between two switch points, i.e. one batch),
+    `ROUNDS` turns each, in the plan's order; a turn's time is per crop of the input size (3 x h x w
+    values), so batches and test-time scales of any size compare; each runtime's best turn counts (the
+    first call of a runtime may still allocate its buffers). The trial's forward passes are the job's
+    own, so it costs only the slower runtimes' extra time on a few of them.
+    """
+
+    ROUNDS = 2
+
+    def __init__(self, runners: Dict[str, Callable], crop_values: int):
+        self.runners = dict(runners)
+        self.crop_values = crop_values
+        self.turns: List[str] = [name for _ in range(self.ROUNDS) for name in self.runners]
+        self.seconds: Dict[str, List[float]] = {name: [] for name in self.runners}  # per crop, each turn
+        self.current: Optional[str] = None
+        self._spent = 0.0
+        self._values = 0
+
+    def next_turn(self) -> Optional[str]:
+        """End the turn in progress (where it ran a forward pass; else it goes on) and name the runtime of
+        the next one; None once every turn is done."""
+        if self.current is not None:
+            if not self._values:
+                return self.current
+            self.seconds[self.current].append(self._spent * self.crop_values / self._values)
+            self._spent, self._values = 0.0, 0
+        self.current = self.turns.pop(0) if self.turns else None
+        return self.current
+
+    def record(self, seconds: float, values: int) -> None:
+        """One forward pass of the current turn: its time and its input's size (N x 3 x h x w values)."""
+        self._spent += seconds
+        self._values += values
+
+    def fastest(self) -> str:
+        best = {name: min(times) for name, times in self.seconds.items() if times}
+        return min(best, key=best.get)
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {min(times):.3f} s" for name, times in self.seconds.items() if times)
 
 
 class ChildExport:

@@ -7,6 +7,7 @@ HumanParser.logits, so they all compute the same thing. Speed comes from folding
 convolutions, the channels-last layout and batching; results stay those of the released code in fp32.
 """
 import logging
+import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -131,6 +132,7 @@ class HumanParser:
         self.background = None if upgrade is None else BackgroundRuntime(upgrade, spec, state_dict, precision,
                                                                          threads=self.threads)
         self.crops_by_backend: Dict[str, int] = {}  # crops each backend parsed (auto may switch once)
+        self.trial = None  # auto's timing of several runtimes after the switch (a RuntimeTrial), until decided
         # whether a forward pass may switch to the prepared runtime; a caller that must know the backend
         # of a whole batch beforehand (the service) clears it and switches with wait_for_backend(0)
         self.switch_on_forward = True
@@ -190,6 +192,11 @@ class HumanParser:
 
     def _network(self, xs: torch.Tensor) -> torch.Tensor:
         """Fusion logits of one batch of normalised (scaled, flipped) crops, by the current backend."""
+        if self.trial is not None:
+            t0 = time.perf_counter()
+            fusion = self.runner(xs)
+            self.trial.record(time.perf_counter() - t0, xs.numel())
+            return fusion
         if self.runner is not None:
             return self.runner(xs)
         if self.background is not None:
@@ -209,21 +216,41 @@ class HumanParser:
         background, self.background = self.background, None
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-        runner = background.ready()
-        if runner is None:
+        runners = background.ready()
+        if not runners:
             warnings.warn(SCHPWarning(f"{background.backend} unusable ({background.error}); running the network "
                                       "with torch", "backend", "auto"), stacklevel=3)
             return
-        log.info("switched the network from torch to %s after %d crops (%s ready in %.1f s)", background.backend,
+        log.info("switched the network from torch to %s after %d crops (%s ready in %.1f s)", " and ".join(runners),
                  sum(self.crops_by_backend.values()), "exported and" if background.exported else "cached,",
                  background.seconds)
-        self.runner, self.backend, self.model = runner, background.backend, None
+        self.model = None
+        if len(runners) == 1:
+            (self.backend, self.runner), = runners.items()
+            return
+        from schp.background_runtime import RuntimeTrial
+        in_h, in_w = self.spec.input_size
+        self.trial = RuntimeTrial(runners, 3 * in_h * in_w)
+        self._take_turn()
+
+    def _take_turn(self) -> None:
+        """The next turn of auto's trial of the runtimes, or its end: the fastest runs from then on."""
+        trial = self.trial
+        name = trial.next_turn()
+        if name is None:
+            name, self.trial = trial.fastest(), None  # the other runtimes go with the trial
+            log.info("timed on this job's forward passes, per %d x %d crop (best of %d turns): %s; the network "
+                     "runs on %s from now on", *self.spec.input_size, trial.ROUNDS, trial.describe(), name)
+        self.runner, self.backend = trial.runners[name], name
 
     def wait_for_backend(self, timeout: Optional[float] = None) -> str:
         """Wait (at most `timeout` s) for a runtime being prepared, switch to it, and return the backend that
         runs the network from now on. Where nothing is prepared, or it has not begun (it begins after the
-        first forward pass), this returns at once."""
-        if self.background is not None and self.background.started and self.background.wait(timeout):
+        first forward pass), this returns at once. While auto times several runtimes, each call after a
+        forward pass begins the trial's next turn, and returns the backend of that turn."""
+        if self.trial is not None:
+            self._take_turn()
+        elif self.background is not None and self.background.started and self.background.wait(timeout):
             self._switch()
         return self.backend
 
