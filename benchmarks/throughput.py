@@ -531,14 +531,17 @@ def run_cli(label, cli_args, dataset, checkpoint, input_dir, out_dir, cache_dir,
 
 def read_ran(rec, summary) -> None:
     """What ran, from the run's summary, into `rec`: one backend, or 'torch>openvino@k' where auto
-    started on torch and switched after k crops. After a switch the steady time per image is taken over
-    the outputs after it (the start-up on torch stays in first_output_seconds and wall_seconds)."""
+    started on torch and switched after k crops ('torch>onnxruntime+openvino>openvino@k' where it timed
+    both runtimes and kept the second). After a switch the steady time per image is taken over the
+    outputs after it, the trial's included (the start-up on torch stays in first_output_seconds and
+    wall_seconds)."""
     record = json.loads(Path(summary).read_text())
     crops = record.get("crops_by_backend") or {}
     rec["crops_by_backend"], rec["ran"] = crops, record["backend"]
     if len(crops) > 1:
         first = crops.get("torch", 0)
-        rec["ran"] = f"torch>{record['backend']}@{first}"
+        timed = [b for b in crops if b != "torch"]
+        rec["ran"] = f"torch>{'+'.join(timed) + '>' if len(timed) > 1 else ''}{record['backend']}@{first}"
         times = rec["output_times"]
         if len(times) - 1 - first >= 2:
             rec["per_image_with_start"] = rec["per_image"]
