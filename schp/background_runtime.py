@@ -6,8 +6,10 @@ prepares the runtime beside it: the ONNX export, when the file is not cached yet
 (the exporter's tracing is not known to be safe beside a forward pass in the same process, and its
 memory goes back when the child ends), then the load and compile in a thread. The parser switches
 between two forward passes once the runtime is ready; if the export fails, the job stays on torch.
-Where more than one runtime is installed for the precision, all are loaded from the one file, and the
-parser times them on its next forward passes (`RuntimeTrial`) and keeps the fastest.
+Where more than one runtime is installed for the precision, the others (rivals) are loaded from the
+same file once the parser has switched and let torch's network go (so that the two runtimes and torch's
+network are never held at once), and the parser times them all on its next forward passes
+(`RuntimeTrial`) and keeps the fastest.
 Run as `python -m schp.background_runtime SPEC STATE OUT`, this module is that child.
 """
 from __future__ import annotations
@@ -37,9 +39,11 @@ STOP_WAIT_S = 10  # how long close() waits for a stopped child before killing it
 class BackgroundRuntime:
     """The runtimes of `plan` for this checkpoint, prepared in the background from `start(shape)` on.
 
-    `ready()` is {backend: runner} once one can run, in the plan's order (None before, and for good after
-    a failure of all: `error` then says why, of the plan's first); `close()` stops a child export still
-    running, leaving no file of it behind.
+    `ready()` is the first of the plan's runtimes that can run, as (backend, runner), once it is (None
+    before, and for good after a failure of all: `error` then says why, of the plan's first). Where the
+    plan has more, `switched()` (the parser no longer holds torch's network) lets the rest load, and
+    `rivals(timeout)` is {backend: runner} of those that could, once they are. `close()` stops a child
+    export still running, leaving no file of it behind.
     """
 
     def __init__(self, plan: RuntimePlan, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor],
@@ -52,7 +56,10 @@ class BackgroundRuntime:
         self._state_dict = state_dict
         self._done = threading.Event()
         self._lock = threading.Lock()
-        self._runners: Optional[Dict[str, Callable]] = None
+        self._runner: Optional[Tuple[str, Callable]] = None
+        self._switched = threading.Event()
+        self._rivals_done = threading.Event()
+        self._rivals: Dict[str, Callable] = {}
         self._child: Optional[ChildExport] = None
         self._closed = False
         self.thread: Optional[threading.Thread] = None
@@ -79,12 +86,21 @@ class BackgroundRuntime:
                                        name=f"schp-{self.backend}-setup")
         self.thread.start()
 
-    def ready(self) -> Optional[Dict[str, Callable]]:
-        return self._runners if self._done.is_set() else None
+    def ready(self) -> Optional[Tuple[str, Callable]]:
+        return self._runner if self._done.is_set() else None
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the runtime is ready or has failed (True), or `timeout` seconds pass (False)."""
         return self._done.wait(timeout)
+
+    def switched(self) -> None:
+        """The parser runs the ready runtime now and has let torch's network go: the rivals may load."""
+        self._switched.set()
+
+    def rivals(self, timeout: Optional[float] = None) -> Optional[Dict[str, Callable]]:
+        """{backend: runner} of the rivals that loaded, once all have been tried (None while they load,
+        after waiting at most `timeout` s)."""
+        return self._rivals if self._rivals_done.wait(timeout) else None
 
     def _prepare(self, shape: Tuple[int, ...]) -> None:
         t0 = time.perf_counter()
@@ -95,27 +111,40 @@ class BackgroundRuntime:
                              "torch runs meanwhile", self.spec.name, self.backend)
                     self._export_in_child(path)
                     self.exported = True
-                runners, errors = {}, {}
-                for backend in self.backends:
+                self._state_dict = None  # the parser keeps its own reference while it needs one
+                left, first_error = list(self.backends), None
+                while left and self._runner is None:  # the first of them that loads runs first
+                    backend = left.pop(0)
                     try:
-                        runner = load_runner(backend, path, self.precision, self.threads)
-                        runner.prepare(shape)
-                        runners[backend] = runner
-                    except Exception as err:  # one that fails to load is left out of the trial
-                        errors[backend] = err
-                if not runners:
-                    raise errors[self.backend]
-                for backend, err in errors.items():
-                    log.info("%s cannot run the exported network, left out: %s", backend, err)
-            if not self._closed:
-                self._runners = runners
+                        self._runner = (backend, self._load(backend, path, shape))
+                    except Exception as err:
+                        first_error = first_error or err
+                        log.info("%s cannot run the exported network: %s", backend, err)
+                if self._runner is None:
+                    raise first_error
                 self.seconds = time.perf_counter() - t0
+                self._done.set()
+                if left:
+                    self._switched.wait()  # torch's network is gone (or close() was called)
+                for backend in left:
+                    if self._closed:
+                        break
+                    try:
+                        self._rivals[backend] = self._load(backend, path, shape)
+                    except Exception as err:  # left out of the trial
+                        log.info("%s cannot run the exported network: %s", backend, err)
         except Exception as err:  # the job goes on with torch; the parser reports why
             self.error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         finally:
-            self._state_dict = None  # the parser keeps its own reference while it needs one
+            self._state_dict = None
             atexit.unregister(self.close)
             self._done.set()
+            self._rivals_done.set()
+
+    def _load(self, backend: str, path: Path, shape: Tuple[int, ...]):
+        runner = load_runner(backend, path, self.precision, self.threads)
+        runner.prepare(shape)
+        return runner
 
     def _export_in_child(self, path: Path) -> None:
         with self._lock:
@@ -129,6 +158,7 @@ class BackgroundRuntime:
         with self._lock:
             self._closed = True
             child = self._child
+        self._switched.set()  # a thread waiting to load the rivals ends
         if child is not None:
             child.stop()
         if self.thread is not None and self.thread is not threading.current_thread():

@@ -132,7 +132,8 @@ class HumanParser:
         self.background = None if upgrade is None else BackgroundRuntime(upgrade, spec, state_dict, precision,
                                                                          threads=self.threads)
         self.crops_by_backend: Dict[str, int] = {}  # crops each backend parsed (auto may switch once)
-        self.trial = None  # auto's timing of several runtimes after the switch (a RuntimeTrial), until decided
+        self.rivals = None  # after the switch: the BackgroundRuntime loading the other installed runtimes
+        self.trial = None  # then auto's timing of the runtimes (a RuntimeTrial), until decided
         # whether a forward pass may switch to the prepared runtime; a caller that must know the backend
         # of a whole batch beforehand (the service) clears it and switches with wait_for_backend(0)
         self.switch_on_forward = True
@@ -216,21 +217,26 @@ class HumanParser:
         background, self.background = self.background, None
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-        runners = background.ready()
-        if not runners:
+        ready = background.ready()
+        if ready is None:
             warnings.warn(SCHPWarning(f"{background.backend} unusable ({background.error}); running the network "
                                       "with torch", "backend", "auto"), stacklevel=3)
             return
-        log.info("switched the network from torch to %s after %d crops (%s ready in %.1f s)", " and ".join(runners),
+        log.info("switched the network from torch to %s after %d crops (%s ready in %.1f s)", ready[0],
                  sum(self.crops_by_backend.values()), "exported and" if background.exported else "cached,",
                  background.seconds)
-        self.model = None
-        if len(runners) == 1:
-            (self.backend, self.runner), = runners.items()
+        (self.backend, self.runner), self.model = ready, None
+        self.rivals = background
+        background.switched()  # the other runtimes load now, without torch's network beside them
+
+    def _begin_trial(self, rivals: Dict[str, object]) -> None:
+        """Time the running runtime and the rivals that loaded on the next forward passes."""
+        self.rivals = None
+        if not rivals:
             return
         from schp.background_runtime import RuntimeTrial
         in_h, in_w = self.spec.input_size
-        self.trial = RuntimeTrial(runners, 3 * in_h * in_w)
+        self.trial = RuntimeTrial({self.backend: self.runner, **rivals}, 3 * in_h * in_w)
         self._take_turn()
 
     def _take_turn(self) -> None:
@@ -246,16 +252,27 @@ class HumanParser:
     def wait_for_backend(self, timeout: Optional[float] = None) -> str:
         """Wait (at most `timeout` s) for a runtime being prepared, switch to it, and return the backend that
         runs the network from now on. Where nothing is prepared, or it has not begun (it begins after the
-        first forward pass), this returns at once. While auto times several runtimes, each call after a
-        forward pass begins the trial's next turn, and returns the backend of that turn."""
+        first forward pass), this returns at once. Where other runtimes are installed, they load after the
+        switch; this waits for them too (within the same `timeout`) and then auto times them all: each
+        call after a forward pass begins the trial's next turn, and returns the backend of that turn."""
         if self.trial is not None:
             self._take_turn()
-        elif self.background is not None and self.background.started and self.background.wait(timeout):
+            return self.backend
+        t0 = time.monotonic()
+        if self.background is not None and self.background.started and self.background.wait(timeout):
             self._switch()
+        if self.rivals is not None:
+            rivals = self.rivals.rivals(None if timeout is None else max(0.0, timeout - (time.monotonic() - t0)))
+            if rivals is not None:
+                self._begin_trial(rivals)
         return self.backend
 
     def close(self) -> None:
-        """Stop preparing a runtime in the background (an export in flight leaves no file); torch goes on."""
+        """Stop preparing runtimes in the background (an export in flight leaves no file); the backend
+        running now goes on."""
+        if self.rivals is not None:
+            self.rivals.close()
+            self.rivals = None
         if self.background is not None:
             self.background.close()
             self.background = None

@@ -221,7 +221,7 @@ def stub_parser(dataset, flip, scales, input_size=(40, 36)):
     parser.flip, parser.scales, parser.precision, parser.device = flip, tuple(scales), "fp32", CPU
     parser.model, parser.runner = FixedLogits(parser.spec.num_classes), None  # None: the torch model runs
     parser.backend, parser.background, parser.switch_on_forward, parser.crops_by_backend = "torch", None, True, {}
-    parser.trial = None
+    parser.trial = parser.rivals = None
     return parser
 
 

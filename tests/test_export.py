@@ -303,9 +303,9 @@ def test_auto_starts_on_torch_and_switches_once_the_background_export_is_ready(c
     """A long job (unknown length) on an empty cache: the first forward pass runs on torch at once, the
     export runs in a child process beside it, and the next forward pass after it is ready runs on the
     runtime the table puts first for this CPU; the file lands in the cache, nothing else is left there,
-    and the maps agree with torch's. Both runtimes are installed, so both are loaded from the one file and
-    timed on the job's next forward passes, two turns each: the table's first, made 0.5 s slower per call
-    here, loses, and the other runs from then on. The service's model call then gives each image of a
+    and the maps agree with torch's. Both runtimes are installed, so the other loads from the same file
+    once torch's network is let go, and the two are timed on the job's next forward passes, two turns
+    each: the table's first, made 0.5 s slower per call here, loses, and the other runs from then on. The service's model call then gives each image of a
     batch its own call."""
     import time
 
@@ -328,8 +328,14 @@ def test_auto_starts_on_torch_and_switches_once_the_background_export_is_ready(c
             time.sleep(0.5)
             return self.runner(x)
 
-    monkeypatch.setattr(schp.background_runtime, "load_runner", lambda backend, *args: (
-        Slowed if backend == runtime else (lambda runner: runner))(load_runner(backend, *args)))
+    loaded = []  # (backend, whether torch's network was still held when it loaded)
+
+    def load(backend, *args):
+        loaded.append((backend, parser.model is not None))
+        runner = load_runner(backend, *args)
+        return Slowed(runner) if backend == runtime else runner
+
+    monkeypatch.setattr(schp.background_runtime, "load_runner", load)
     cache = tmp_path / "cache"
     monkeypatch.setenv("SCHP_CACHE_DIR", str(cache))
     # pascal's network at 160 x 160: the switch is the same at any input size, each forward a tenth of 512's
@@ -345,6 +351,7 @@ def test_auto_starts_on_torch_and_switches_once_the_background_export_is_ready(c
     assert parser.backend == "torch" and parser.background is not None and parser.background.started
     assert np.array_equal(first, reference[0])  # torch's own map, before any export
     assert parser.wait_for_backend(timeout=600) == runtime, parser.background and parser.background.error
+    assert loaded == [(runtime, True), (rival, False)]  # never torch's network and two runtimes at once
     assert time.perf_counter() - t0 > first_seconds  # the export came after the first map, not before it
     assert torch.get_num_threads() == threads  # the core torch left to the export is given back
     assert parser.model is None and parser.background is None
