@@ -239,11 +239,12 @@ def end_to_end(checkpoint, work, images, timeout, lines):
 
 def save(out: Path, results, lines) -> None:
     """The figures so far, each file replaced whole (a stop between two parts leaves the earlier ones)."""
+    from schp.utils.outputs import atomic_path
+
     for name, text in (("gpu_check.json", json.dumps(results, indent=1, default=str) + "\n"),
                        ("gpu_check.txt", "\n".join(lines) + "\n")):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(text)
 
 
 def main(argv=None):
