@@ -9,6 +9,7 @@ convolutions, the channels-last layout and batching; results stay those of the r
 import logging
 import time
 import warnings
+import weakref
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -131,6 +132,10 @@ class HumanParser:
         self.threads = torch.get_num_threads()  # torch's, and the prepared runtime's once it runs
         self.background = None if upgrade is None else BackgroundRuntime(upgrade, spec, state_dict, precision,
                                                                          threads=self.threads)
+        if self.background is not None:
+            # a parser dropped without close() stops its background work too: an export in flight, or the
+            # thread that waits for the switch to load the other runtimes (it holds a loaded runtime)
+            weakref.finalize(self, self.background.close)
         self.crops_by_backend: Dict[str, int] = {}  # crops each backend parsed (auto may switch once)
         self.rivals = None  # after the switch: the BackgroundRuntime loading the other installed runtimes
         self.trial = None  # then auto's timing of the runtimes (a RuntimeTrial), until decided

@@ -417,6 +417,30 @@ def test_closing_the_parser_stops_a_background_export_and_leaves_nothing(checkpo
     assert np.array_equal(parser.parse([image])[0], reference)
 
 
+def test_a_parser_dropped_without_close_stops_its_background_work(checkpoints, tmp_path, monkeypatch):
+    """Losing the last reference to an auto parser (an API object let go) stops its export child and ends
+    its set-up thread, which would otherwise run on, or wait for a switch that never comes while holding
+    a loaded runtime; the export leaves no file."""
+    import gc
+    import time
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SCHP_CACHE_DIR", str(cache))
+    spec = dataclasses.replace(DATASETS["pascal"], input_size=(160, 160))
+    parser = HumanParser(spec, read_state_dict(checkpoints("pascal")), CPU, backend="auto")
+    parser.parse([person_like(15, 200, 150)])
+    background = parser.background
+    deadline = time.monotonic() + 60
+    while not background.exporting and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert background.exporting
+    child = background._child
+    del parser
+    gc.collect()
+    assert not child.running and not background.thread.is_alive()
+    assert list((cache / "exports").iterdir()) == []
+
+
 def test_a_background_export_that_fails_leaves_the_job_on_torch_with_a_warning(checkpoints, tmp_path, monkeypatch):
     from schp.errors import SCHPWarning
 
