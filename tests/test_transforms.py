@@ -60,9 +60,11 @@ def test_inverse_warp_equals_the_original_per_channel_warp(w, h, channels):
     assert whole.shape == (h, w, channels)
     np.testing.assert_array_equal(whole, original)
     out_to_in = output_to_input_map(center, scale, size)
-    banded = np.stack([np.concatenate([warp_channel_rows(np.ascontiguousarray(logits[:, :, c]), out_to_in, w, a, b)
-                                       for a, b in row_bands(h, 7)]) for c in range(channels)], axis=2)
-    np.testing.assert_allclose(banded, original, rtol=0, atol=1e-6)
+    # the banded warp is one channel's: three of them (first, middle, last) stand for all
+    for c in (0, channels // 2, channels - 1):
+        banded = np.concatenate([warp_channel_rows(np.ascontiguousarray(logits[:, :, c]), out_to_in, w, a, b)
+                                 for a, b in row_bands(h, 7)])
+        assert banded.shape == (h, w) and float(np.abs(banded - original[:, :, c]).max()) <= 1e-6, c
     labels = labels_from_logits(logits, center, scale, w, h, size)
     assert labels.dtype == np.uint8 and labels.shape == (h, w)
     assert (labels == original.argmax(axis=2)).mean() >= 0.9999
