@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # torch is imported where it is used: `--help` and `--legend`
 # Part of the cached export's name: raised whenever the network's graph changes (same maps, other
 # operations), so that a cache filled by an older version is exported anew instead of reused.
 # 2: convolutions over upsampled maps computed at the maps' own size (networks.ce2p).
-GRAPH_REVISION = 2
+# 3: the file takes the input size only (any batch), unless the job needs other sizes (test-time scales).
+GRAPH_REVISION = 3
 # "auto" on the CPU: the first installed one of these for the precision, fastest first as measured
 # end to end by benchmarks/throughput.py (docs/performance.md). ONNX Runtime has no bf16 convolution; bf16
 # is taken off torch only on CPUs with bf16 units (elsewhere OpenVINO would compute in fp32 anyway).
@@ -124,10 +125,11 @@ def state_dict_digest(state_dict: Dict[str, torch.Tensor]) -> str:
 
 
 def export_path(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_dir: Optional[Path],
-                digest: Optional[str] = None) -> Optional[Path]:
+                digest: Optional[str] = None, any_size: bool = False) -> Optional[Path]:
     """Where the cache keeps this checkpoint's ONNX export (whether or not it is there yet); None when
     the cache is disabled. `digest`: the state dict's `state_dict_digest`, where already computed (it
-    reads every weight: about 0.3 s of one core)."""
+    reads every weight: about 0.3 s of one core). `any_size`: the file that takes any crop size (for
+    test-time scales) instead of the input size only (see `export_for_runtimes`)."""
     import torch
     from schp.checkpoint import default_cache_dir
     from schp.export import DEFAULT_OPSET
@@ -137,50 +139,57 @@ def export_path(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_di
         return None
     h, w = spec.input_size
     digest = digest or state_dict_digest(state_dict)
-    return cache_dir / "exports" / (f"{spec.name}-{h}x{w}-{digest}-g{GRAPH_REVISION}"
+    size = f"{h}x{w}" + ("-anysize" if any_size else "")
+    return cache_dir / "exports" / (f"{spec.name}-{size}-{digest}-g{GRAPH_REVISION}"
                                     f"-opset{DEFAULT_OPSET}-torch{torch.__version__.split('+')[0]}.onnx")
 
 
 @contextmanager
 def runtime_file(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_dir: Optional[Path],
-                 digest: Optional[str] = None) -> Iterator[Path]:
+                 digest: Optional[str] = None, any_size: bool = False) -> Iterator[Path]:
     """Where a runtime finds this checkpoint's export, present or not: the cache's file, or, with the cache
     disabled (SCHP_CACHE_DIR=''), one in a temporary folder removed on leaving (every run then exports)."""
-    path = export_path(spec, state_dict, cache_dir, digest)
+    path = export_path(spec, state_dict, cache_dir, digest, any_size)
     if path is not None:
         yield path
         return
     temporary = Path(tempfile.mkdtemp(prefix="schp-export-"))
     try:
-        yield export_path(spec, state_dict, temporary, digest)
+        yield export_path(spec, state_dict, temporary, digest, any_size)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
 def cached_onnx(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_dir: Optional[Path],
-                quiet: bool = False) -> Path:
-    """The verified raw ONNX export (dynamic N, H, W) of this checkpoint, exported on first use."""
-    path = export_path(spec, state_dict, cache_dir)
+                quiet: bool = False, any_size: bool = False) -> Path:
+    """The verified raw ONNX export of this checkpoint for the runtimes, exported on first use."""
+    path = export_path(spec, state_dict, cache_dir, any_size=any_size)
     if path is None:
         raise BackendError("the checkpoint cache is disabled (SCHP_CACHE_DIR is empty)")
-    return exported(spec, state_dict, path, quiet)
+    return exported(spec, state_dict, path, quiet, any_size)
 
 
-def exported(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], path: Path, quiet: bool = False) -> Path:
+def exported(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], path: Path, quiet: bool = False,
+             any_size: bool = False) -> Path:
     """`path`, after exporting the checkpoint there unless it is already."""
     if not path.is_file():
         if not quiet:
             log.info("exporting the %s network to %s (once per checkpoint; takes a while)", spec.name, path)
-        export_for_runtimes(spec, state_dict, path)
+        export_for_runtimes(spec, state_dict, path, any_size)
     return path
 
 
-def export_for_runtimes(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], path: Path) -> None:
-    """Export and verify the raw ONNX file the runtimes load (dynamic N, H, W) to `path`, atomically."""
+def export_for_runtimes(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], path: Path,
+                        any_size: bool = False) -> None:
+    """Export and verify the raw ONNX file the runtimes load to `path`, atomically: any batch size, and
+    the input size only unless `any_size`, which a job with test-time scales needs. A fixed height and
+    width export in 0.73-0.87 x the time (torch's exporter reasons about every symbolic size) and run
+    about 4% faster in ONNX Runtime, whose graph optimiser folds what the sizes fix; OpenVINO compiles
+    each input shape anyway (benchmarks/runtime_file.py)."""
     from schp.export import DEFAULT_OPSET, ExportError, export
 
     try:
-        export(spec, state_dict, path, "onnx", DEFAULT_OPSET, dynamic_batch=True, dynamic_size=True)
+        export(spec, state_dict, path, "onnx", DEFAULT_OPSET, dynamic_batch=True, dynamic_size=any_size)
     except ExportError as err:
         raise BackendError(str(err)) from None
     except OSError as err:
@@ -254,7 +263,7 @@ class OpenVinoRunner:
 
 def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor],
                    precision: str = "fp32", cache_dir: Optional[Path] = None, quiet: bool = False,
-                   forwards: Optional[int] = None, digest: Optional[str] = None):
+                   forwards: Optional[int] = None, digest: Optional[str] = None, any_size: bool = False):
     """(backend name, runner or None for torch, runtime to prepare beside torch or None) for `--backend name`.
 
     An explicit backend that cannot run raises BackendError, and is made ready before this returns.
@@ -262,6 +271,7 @@ def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dic
     one-time costs (`forwards`, the forward passes it will make; None = unknown, taken as long) also
     names the runtime to prepare beside it (a `RuntimePlan` for schp.background_runtime), which the
     parser switches to. `digest`: the state dict's `state_dict_digest`, where the caller computed it.
+    `any_size`: the job runs the network on crops of other sizes than the input size (test-time scales).
     """
     backend = resolve_backend(name, device, precision)
     if backend == "torch":
@@ -269,31 +279,33 @@ def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dic
     if name == "auto":
         rivals = tuple(b for b in auto_order(precision) if b not in ("torch", backend)
                        and not missing_packages(b, import_them=False))
-        plan = RuntimePlan(backend, digest, rivals)
+        plan = RuntimePlan(backend, digest, rivals, any_size)
         if not export_repays(spec, state_dict, precision, cache_dir, forwards, plan):
             log.info("running the network with torch: %s forward passes do not repay %s's set-up (from %d, or %d "
                      "with its file cached)", forwards, backend, AUTO_EXPORT_MIN_FORWARDS[precision],
                      AUTO_CACHED_MIN_FORWARDS)
             return "torch", None, None
         return "torch", None, plan
-    return backend, make_runner(backend, spec, state_dict, precision, cache_dir, quiet, digest), None
+    return backend, make_runner(backend, spec, state_dict, precision, cache_dir, quiet, digest, any_size), None
 
 
 class RuntimePlan:
     """The runtime 'auto' prepares beside torch, the checkpoint's digest once computed (so the background
     does not read every weight again to find the file), and the other installed runtimes for the
     precision (`rivals`), prepared too and timed against it on the job's own forward passes (the table
-    of `auto_order` was measured on a few CPUs; this CPU may rank them otherwise)."""
+    of `auto_order` was measured on a few CPUs; this CPU may rank them otherwise). `any_size`: whether
+    they load the file that takes any crop size (`export_path`)."""
 
-    def __init__(self, backend: str, digest: Optional[str] = None, rivals: tuple = ()):
-        self.backend, self.digest, self.rivals = backend, digest, tuple(rivals)
+    def __init__(self, backend: str, digest: Optional[str] = None, rivals: tuple = (), any_size: bool = False):
+        self.backend, self.digest, self.rivals, self.any_size = backend, digest, tuple(rivals), any_size
 
     @property
     def backends(self) -> tuple:
         return (self.backend,) + self.rivals
 
     def __repr__(self) -> str:
-        return f"RuntimePlan({self.backend!r}, digest={self.digest!r}, rivals={self.rivals!r})"
+        return (f"RuntimePlan({self.backend!r}, digest={self.digest!r}, rivals={self.rivals!r}, "
+                f"any_size={self.any_size!r})")
 
 
 def export_repays(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precision: str,
@@ -308,7 +320,7 @@ def export_repays(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precis
     digest = (plan.digest if plan is not None else None) or state_dict_digest(state_dict)
     if plan is not None:
         plan.digest = digest
-    path = export_path(spec, state_dict, cache_dir, digest)
+    path = export_path(spec, state_dict, cache_dir, digest, plan is not None and plan.any_size)
     return path is not None and path.is_file()
 
 
@@ -322,13 +334,15 @@ def load_runner(backend: str, path: Path, precision: str = "fp32", threads: Opti
 
 
 def make_runner(backend: str, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], precision: str = "fp32",
-                cache_dir: Optional[Path] = None, quiet: bool = False, digest: Optional[str] = None):
-    """A callable N x 3 x h x w float32 -> N x C x h/4 x w/4 float32 fusion logits, for a non-torch backend.
+                cache_dir: Optional[Path] = None, quiet: bool = False, digest: Optional[str] = None,
+                any_size: bool = False):
+    """A callable N x 3 x h x w float32 -> N x C x h/4 x w/4 float32 fusion logits, for a non-torch backend
+    (h x w the input size, or any with `any_size`).
 
     With the cache disabled (SCHP_CACHE_DIR='') the file is exported to a temporary folder, loaded, and
     removed: every run then pays the export. `digest`: the state dict's `state_dict_digest`, where known.
     """
     if backend not in ("onnxruntime", "openvino"):
         raise BackendError(f"no runner for backend {backend!r}")
-    with runtime_file(spec, state_dict, cache_dir, digest) as path:
-        return load_runner(backend, exported(spec, state_dict, path, quiet), precision)
+    with runtime_file(spec, state_dict, cache_dir, digest, any_size) as path:
+        return load_runner(backend, exported(spec, state_dict, path, quiet, any_size), precision)

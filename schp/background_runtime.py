@@ -10,7 +10,7 @@ Where more than one runtime is installed for the precision, the others (rivals) 
 same file once the parser has switched and let torch's network go (so that the two runtimes and torch's
 network are never held at once), and the parser times them all on its next forward passes
 (`RuntimeTrial`) and keeps the fastest.
-Run as `python -m schp.background_runtime SPEC STATE OUT`, this module is that child.
+Run as `python -m schp.background_runtime SPEC STATE OUT any-size|input-size`, this module is that child.
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ class BackgroundRuntime:
         import torch
 
         self.backend, self.backends, self._digest = plan.backend, plan.backends, plan.digest
+        self.any_size = plan.any_size
         self.spec, self.precision, self.cache_dir = spec, precision, cache_dir
         self.threads = threads or torch.get_num_threads()  # the runtime's, once it runs (as torch's now)
         self._state_dict = state_dict
@@ -105,7 +106,7 @@ class BackgroundRuntime:
     def _prepare(self, shape: Tuple[int, ...]) -> None:
         t0 = time.perf_counter()
         try:
-            with runtime_file(self.spec, self._state_dict, self.cache_dir, self._digest) as path:
+            with runtime_file(self.spec, self._state_dict, self.cache_dir, self._digest, self.any_size) as path:
                 if not path.is_file():
                     log.info("exporting the %s network for %s in the background (once per checkpoint); "
                              "torch runs meanwhile", self.spec.name, self.backend)
@@ -150,7 +151,7 @@ class BackgroundRuntime:
         with self._lock:
             if self._closed:
                 raise RuntimeError("closed before the export began")
-            self._child = ChildExport(self.spec, self._state_dict, path)
+            self._child = ChildExport(self.spec, self._state_dict, path, self.any_size)
         self._child.run()
 
     def close(self) -> None:
@@ -219,8 +220,8 @@ class ChildExport:
     ends a child still running, which removes its partial file.
     """
 
-    def __init__(self, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], path: Path):
-        self.spec, self.path = spec, path
+    def __init__(self, spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], path: Path, any_size: bool = False):
+        self.spec, self.path, self.any_size = spec, path, any_size
         self._state_dict = state_dict
         self._lock = threading.Lock()
         self._process: Optional[subprocess.Popen] = None
@@ -254,7 +255,8 @@ class ChildExport:
                 if self._stopped:
                     raise RuntimeError("stopped before the export began")
                 self._process = subprocess.Popen(
-                    [sys.executable, "-m", "schp.background_runtime", spec, str(state_file), str(path)],
+                    [sys.executable, "-m", "schp.background_runtime", spec, str(state_file), str(path),
+                     "any-size" if self.any_size else "input-size"],
                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             _, err = self._process.communicate()
             if self._process.returncode != 0:
@@ -295,7 +297,7 @@ class ChildExport:
             self._thread.join(STOP_WAIT_S)
 
 
-def _export_child(spec_json: str, state_file: str, out: str) -> int:
+def _export_child(spec_json: str, state_file: str, out: str, sizes: str) -> int:
     """The child: export and verify `out` from the weights in `state_file`, as schp.backends.cached_onnx does."""
     import signal
 
@@ -309,7 +311,7 @@ def _export_child(spec_json: str, state_file: str, out: str) -> int:
     state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
     os.unlink(state_file)  # mapped: the data stays readable, and no copy outlives this process
     try:
-        export_for_runtimes(spec, state, Path(out))
+        export_for_runtimes(spec, state, Path(out), any_size=sizes == "any-size")
     except Exception as err:  # the reason, as the last line the parent reads from this process's stderr
         logging.basicConfig(format="%(message)s")
         log.error("%s: %s", type(err).__name__, err)
@@ -318,4 +320,4 @@ def _export_child(spec_json: str, state_file: str, out: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_export_child(*sys.argv[1:4]))
+    sys.exit(_export_child(*sys.argv[1:5]))

@@ -127,8 +127,10 @@ class HumanParser:
         from schp.background_runtime import BackgroundRuntime
         # expected_images: how many images the job will parse (None: unknown), for auto's export choice
         forwards = None if expected_images is None else expected_images * len(scales) * (2 if flip else 1)
+        # a runtime's file takes the input size only (faster to export and to run) unless scales need more
         self.backend, self.runner, upgrade = network_runner(backend, device, spec, state_dict, precision,
-                                                            forwards=forwards, digest=state_digest)
+                                                            forwards=forwards, digest=state_digest,
+                                                            any_size=scales != (1.0,))
         self.threads = torch.get_num_threads()  # torch's, and the prepared runtime's once it runs
         self.background = None if upgrade is None else BackgroundRuntime(upgrade, spec, state_dict, precision,
                                                                          threads=self.threads)
@@ -179,6 +181,9 @@ class HumanParser:
         """
         n = x.shape[0]
         in_h, in_w = self.spec.input_size
+        if tuple(x.shape[2:]) != (in_h, in_w):  # a runtime's file takes only these (and so would the maps)
+            raise ParameterError(f"expected crops of the input size {in_h} x {in_w}", "batch",
+                                 f"crops of {x.shape[2]} x {x.shape[3]}")
         if self.switch_on_forward:
             self.wait_for_backend(0)
         self.crops_by_backend[self.backend] = self.crops_by_backend.get(self.backend, 0) + n

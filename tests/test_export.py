@@ -25,6 +25,7 @@ from schp.data.crop import prepare_image
 from schp.export import torchscript_asked_for
 from schp.networks.ce2p import BinAverage
 from schp.checkpoint import read_state_dict
+from schp.errors import ParameterError
 from schp.inference import HumanParser, labels_from_logits
 
 CPU = torch.device("cpu")
@@ -47,6 +48,14 @@ def person_like(seed: int, height: int, width: int) -> np.ndarray:
                  (int(cx + side * 0.1 * width), int(0.95 * height)), color(), max(2, width // 14))
     img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def input_dims(path):
+    """The ONNX file's input dimensions: numbers where fixed, names where any size goes."""
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
 
 
 def run_export(capsys, *argv):
@@ -212,7 +221,8 @@ def test_a_file_that_does_not_verify_is_removed_with_exit_1(checkpoints, tmp_pat
 def test_backend_switch_end_to_end_on_a_folder(small_model, run_cli, tmp_path, capsys, monkeypatch):
     """pascal's weights at 160 (the run's mechanics; the network is the same at any input size): the same
     folder through torch, onnxruntime (exports once into the cache) and openvino (reuses that file); maps
-    agree; test-time augmentation runs through the dynamic-size file."""
+    agree; flipping runs through the same file (test-time scales, which need the file that takes any
+    size, are covered by the multi-person backend test)."""
     monkeypatch.setenv("SCHP_CACHE_DIR", str(tmp_path / "cache"))  # a cache of its own: count its exports
     images = tmp_path / "in"
     images.mkdir()
@@ -234,7 +244,8 @@ def test_backend_switch_end_to_end_on_a_folder(small_model, run_cli, tmp_path, c
         assert summary["backend"] == ran and summary["crops_by_backend"] == {ran: 2}
         if run == "auto-empty":
             assert not (tmp_path / "cache" / "exports").exists()
-    assert len(list((tmp_path / "cache" / "exports").glob("custom-160x160-*.onnx"))) == 1
+    (cached,) = (tmp_path / "cache" / "exports").glob("custom-160x160-*.onnx")
+    assert input_dims(cached) == ["N", 3, 160, 160]  # any batch; the input size only (no test-time scales)
     assert all((a == b).all() for a, b in zip(maps["auto-empty"], maps["torch"]))
     for backend in ("onnxruntime", "openvino", "auto-cached"):
         for got, expected in zip(maps[backend], maps["torch"]):
@@ -242,11 +253,15 @@ def test_backend_switch_end_to_end_on_a_folder(small_model, run_cli, tmp_path, c
 
     spec, state = dataset_spec("custom", small_model[-1]), read_state_dict(small_model[-1])
     crops = torch.from_numpy(prepare_image(0, person_like(7, 100, 100), spec.input_size).image[None])
-    tta = dict(flip=True, scales=(0.75, 1.0))
-    reference = HumanParser(spec, state, CPU, **tta).logits(crops)
-    got = HumanParser(spec, state, CPU, backend="openvino", **tta).logits(crops)
+    reference = HumanParser(spec, state, CPU, flip=True).logits(crops)
+    got = HumanParser(spec, state, CPU, backend="openvino", flip=True).logits(crops)
     assert float((got - reference).abs().max() / reference.abs().max()) < 1e-4
-    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 1  # no export per scale
+    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 1  # no other file for the flip
+    # crops of another size are refused (a runtime's file takes the input size only), by torch's too
+    other = torch.from_numpy(prepare_image(0, person_like(8, 90, 90), (96, 96)).image[None])
+    with pytest.raises(ParameterError) as refused:
+        HumanParser(spec, state, CPU).logits(other)
+    assert str(refused.value) == "batch='crops of 96 x 96': expected crops of the input size 160 x 160"
 
 
 def test_a_missing_runtime_is_a_one_line_setup_error(checkpoints, run_cli, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 tests/multi_person_original.py) or a direct computation of its formulas, on the group photo with its real
 detector masks and on random maps; the three instance sources; the command's standards."""
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -539,9 +540,12 @@ def test_flip_and_scales_reach_both_parsers(tmp_path, cihp, capsys):
 
 
 def test_backend_runs_both_networks_with_the_same_maps(tmp_path, capsys, cihp, small_group, monkeypatch):
-    """--backend reaches the global and the local parser: OpenVINO on exported files gives torch's maps.
-    Each checkpoint is read once, and its weights digested once to find its export, though the local
+    """--backend reaches the global and the local parser: OpenVINO on exported files gives torch's maps,
+    with test-time scales, so through the files that take any crop size (made only for such jobs). Each
+    checkpoint is read once, and its weights digested once to find its export, though the local
     network's export starts beside the global one's."""
+    import onnx
+
     import schp.backends
     import schp.checkpoint
 
@@ -561,7 +565,8 @@ def test_backend_runs_both_networks_with_the_same_maps(tmp_path, capsys, cihp, s
         out = tmp_path / backend
         code, err = run(capsys, "--input-dir", in_dir, "--output-dir", out, "--instances", "masks", mask_dir,
                         "--global-restore", cihp[0], "--local-restore", cihp[1], "--input-size", f"{SIZE},{SIZE}",
-                        "--device", "cpu", "--backend", backend, "--summary", tmp_path / f"{backend}.json")
+                        "--device", "cpu", "--backend", backend, "--multi-scales", "0.75,1",
+                        "--summary", tmp_path / f"{backend}.json")
         assert code == 0, err
         assert ("exporting the cihp-global network" in err) == (backend == "openvino")
         assert json.loads((tmp_path / f"{backend}.json").read_text())["backend"] == backend
@@ -570,6 +575,12 @@ def test_backend_runs_both_networks_with_the_same_maps(tmp_path, capsys, cihp, s
         reads.clear(), digested.clear()
         maps[backend] = [np.array(Image.open(out / folder / "group.png"))
                          for folder in ("global_parsing", "instance_parsing", "global_tag")]
+    exports = sorted((Path(os.environ["SCHP_CACHE_DIR"]) / "exports").glob(f"*-{SIZE}x{SIZE}-*"))
+    assert [p.name.split(f"-{SIZE}x{SIZE}-")[0] for p in exports] == ["cihp-global", "cihp-local"], exports
+    for path in exports:  # any batch, any height and width
+        assert f"-{SIZE}x{SIZE}-anysize-" in path.name
+        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_param or d.dim_value for d in dims] == ["N", 3, "H", "W"], path.name
     assert maps["torch"][0].any() and maps["torch"][1].any()
     for got, expected in zip(maps["openvino"], maps["torch"]):
         assert (got == expected).mean() >= 0.9999

@@ -245,7 +245,8 @@ def load_parsers(options: MultiPersonOptions, device):
         except CheckpointError as err:
             raise SetupError(str(err), f"{role}_checkpoint") from None
         paths.append(path)
-    beside, local_digest = export_local_beside(specs["local"], states["local"], options.backend, device)
+    beside, local_digest = export_local_beside(specs["local"], states["local"], options.backend, device,
+                                               any_size=tuple(options.scales) != (1.0,))
     digests = {"global": None, "local": local_digest}
     parsers = []
     try:
@@ -261,7 +262,7 @@ def load_parsers(options: MultiPersonOptions, device):
     return parsers, paths
 
 
-def export_local_beside(spec, state, backend: str, device):
+def export_local_beside(spec, state, backend: str, device, any_size: bool = False):
     """(export, digest): with a runtime backend named and the local network's export not cached yet, its
     export started in a child process, so that it runs beside the global network's (about half the wait
     on two cores), else None; and the weights' digest where it was computed to find the file, else None
@@ -274,10 +275,10 @@ def export_local_beside(spec, state, backend: str, device):
         return None, None  # torch exports nothing, auto prepares its runtimes beside torch already, and
         # a backend that cannot run here is the global parser's error to report
     digest = state_dict_digest(state)
-    path = export_path(spec, state, None, digest)
+    path = export_path(spec, state, None, digest, any_size)  # the file the local parser will look for
     if path is None or path.is_file():
         return None, digest
-    return ChildExport(spec, state, path).start(), digest
+    return ChildExport(spec, state, path, any_size).start(), digest
 
 
 def manifest_record(options: MultiPersonOptions, source, checkpoints, device, report: RunReport) -> Dict[str, Any]:
