@@ -2,8 +2,9 @@
 """The two ONNX files a runtime backend can load, side by side in one run: the one for the input size
 only (any batch; what a job without test-time scales exports) and the one for any crop size (any batch,
 height and width; what a job with `--multi-scales` exports). For each: the seconds its export takes
-(torch's exporter, then verification in ONNX Runtime, as the background export does), and the seconds
-per crop of ONNX Runtime and OpenVINO on it, the files alternating within every round.
+(torch's exporter, then verification in ONNX Runtime, as the background export does), the seconds ONNX
+Runtime and OpenVINO take to load and compile it, and their seconds per crop on it, the files
+alternating within every round.
 
     python benchmarks/runtime_file.py [--rounds 5] [--batch 2] [--dataset pascal] [--json out.json]
 
@@ -61,8 +62,13 @@ def main(argv=None):
         runners = {}
         for runtime, make in (("onnxruntime", OnnxRuntimeRunner), ("openvino", OpenVinoRunner)):
             for kind in KINDS:
+                t0, c0 = time.perf_counter(), time.process_time()
                 runner = make(files[kind])
-                runner.prepare(tuple(x.shape))
+                runner.prepare(tuple(x.shape))  # the load and compile a job pays once per runtime
+                load = (time.perf_counter() - t0, time.process_time() - c0)
+                result.setdefault("load_seconds", {})[f"{runtime}, {kind}"] = {
+                    "wall": round(load[0], 2), "cpu": round(load[1], 2)}
+                print(f"load and compile, {runtime}, {kind}: {load[0]:.2f} s ({load[1]:.2f} s of CPU)", flush=True)
                 runner(x)  # warm-up
                 runners[runtime, kind] = runner
         times = {key: [] for key in runners}

@@ -46,6 +46,12 @@ AUTO_ORDER_AVX2 = {"fp32": ("onnxruntime", "openvino", "torch")}
 # more than torch's start, a break-even of about 12 images.
 AUTO_EXPORT_MIN_FORWARDS = {"fp32": 150, "bf16": 150}  # the file is not cached yet: export first
 AUTO_CACHED_MIN_FORWARDS = 20  # the file is cached
+# ...and times the other installed runtime against the first only for a job this long (or of unknown
+# length). The trial costs the second runtime's load and compile (0.7-1.8 s of CPU for a 512 x 512
+# pascal file, benchmarks/runtime_file.py) and two turns on the slower one; picking the faster saves
+# 0.07-0.09 s per forward pass on the AVX2 development VM, and only where the table's order is wrong
+# for this CPU: a break-even of 11-29 forward passes then, doubled as the table is often right
+AUTO_TRIAL_MIN_FORWARDS = 50
 PACKAGES = {"onnxruntime": ("onnxruntime", "onnxscript"), "openvino": ("openvino", "onnxscript")}
 log = logging.getLogger(__name__)
 
@@ -183,8 +189,8 @@ def export_for_runtimes(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], 
                         any_size: bool = False) -> None:
     """Export and verify the raw ONNX file the runtimes load to `path`, atomically: any batch size, and
     the input size only unless `any_size`, which a job with test-time scales needs. A fixed height and
-    width export in 0.73-0.87 x the time (torch's exporter reasons about every symbolic size) and run
-    about 4% faster in ONNX Runtime, whose graph optimiser folds what the sizes fix; OpenVINO compiles
+    width export in 0.73-0.93 x the time (torch's exporter reasons about every symbolic size) and run
+    2-4% faster in ONNX Runtime, whose graph optimiser folds what the sizes fix; OpenVINO compiles
     each input shape anyway (benchmarks/runtime_file.py)."""
     from schp.export import DEFAULT_OPSET, ExportError, export
 
@@ -279,6 +285,8 @@ def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dic
     if name == "auto":
         rivals = tuple(b for b in auto_order(precision) if b not in ("torch", backend)
                        and not missing_packages(b, import_them=False))
+        if forwards is not None and forwards < AUTO_TRIAL_MIN_FORWARDS:
+            rivals = ()  # too short a job to repay the trial: the table's first runs it
         plan = RuntimePlan(backend, digest, rivals, any_size)
         if not export_repays(spec, state_dict, precision, cache_dir, forwards, plan):
             log.info("running the network with torch: %s forward passes do not repay %s's set-up (from %d, or %d "

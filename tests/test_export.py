@@ -294,7 +294,8 @@ def test_auto_backend_is_the_fastest_installed_on_the_cpu_and_torch_elsewhere(mo
 
 
 def test_auto_exports_only_for_a_job_that_repays_it_or_uses_the_cached_file(checkpoints, tmp_path, monkeypatch):
-    from schp.backends import AUTO_CACHED_MIN_FORWARDS, AUTO_EXPORT_MIN_FORWARDS, export_path, export_repays
+    from schp.backends import (AUTO_CACHED_MIN_FORWARDS, AUTO_EXPORT_MIN_FORWARDS, AUTO_TRIAL_MIN_FORWARDS,
+                               export_path, export_repays, network_runner)
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("SCHP_CACHE_DIR", str(cache))
@@ -312,6 +313,13 @@ def test_auto_exports_only_for_a_job_that_repays_it_or_uses_the_cached_file(chec
     path.write_bytes(b"")  # where the cached export would be: then a shorter job takes the runtime
     assert export_repays(spec, state, "fp32", cache, AUTO_CACHED_MIN_FORWARDS)
     assert not export_repays(spec, state, "fp32", cache, AUTO_CACHED_MIN_FORWARDS - 1)
+    # the other installed runtime is timed against the first only for a long job (or one of unknown length)
+    first = resolve_backend("auto", CPU)
+    other = {"onnxruntime": "openvino", "openvino": "onnxruntime"}[first]
+    for forwards, rivals in ((AUTO_CACHED_MIN_FORWARDS, ()), (AUTO_TRIAL_MIN_FORWARDS - 1, ()),
+                             (AUTO_TRIAL_MIN_FORWARDS, (other,)), (None, (other,))):
+        backend, runner, plan = network_runner("auto", CPU, spec, state, cache_dir=cache, forwards=forwards)
+        assert (backend, runner, plan.backend, plan.rivals) == ("torch", None, first, rivals), forwards
 
 
 def test_auto_starts_on_torch_and_switches_once_the_background_export_is_ready(checkpoints, tmp_path, monkeypatch):
