@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, Optional
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -128,6 +128,12 @@ def state_dict_digest(state_dict: Dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"")
     return digest.hexdigest()[:20]
+
+
+def needs_any_size(scales: Sequence[float]) -> bool:
+    """Whether a job with these test-time `scales` runs the network on crops of other sizes than the input
+    size, and so needs the runtimes' file that takes any size (`export_path`)."""
+    return tuple(float(s) for s in scales) != (1.0,)
 
 
 def export_path(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], cache_dir: Optional[Path],
@@ -283,10 +289,11 @@ def network_runner(name: str, device: torch.device, spec: DatasetSpec, state_dic
     if backend == "torch":
         return backend, None, None
     if name == "auto":
+        # the other installed runtimes, timed against the first; a job too short to repay that trial
+        # keeps the table's first
+        trial = forwards is None or forwards >= AUTO_TRIAL_MIN_FORWARDS
         rivals = tuple(b for b in auto_order(precision) if b not in ("torch", backend)
-                       and not missing_packages(b, import_them=False))
-        if forwards is not None and forwards < AUTO_TRIAL_MIN_FORWARDS:
-            rivals = ()  # too short a job to repay the trial: the table's first runs it
+                       and not missing_packages(b, import_them=False)) if trial else ()
         plan = RuntimePlan(backend, digest, rivals, any_size)
         if not export_repays(spec, state_dict, precision, cache_dir, forwards, plan):
             log.info("running the network with torch: %s forward passes do not repay %s's set-up (from %d, or %d "

@@ -123,14 +123,14 @@ class HumanParser:
         # backend: who runs the network (schp.backends); "torch" = self.model, others an exported file,
         # in which case no torch copy of the network is kept (it would only hold memory). 'auto' starts on
         # torch and, for a long job, switches to the runtime prepared beside it (self.background)
-        from schp.backends import network_runner
+        from schp.backends import needs_any_size, network_runner
         from schp.background_runtime import BackgroundRuntime
         # expected_images: how many images the job will parse (None: unknown), for auto's export choice
         forwards = None if expected_images is None else expected_images * len(scales) * (2 if flip else 1)
         # a runtime's file takes the input size only (faster to export and to run) unless scales need more
         self.backend, self.runner, upgrade = network_runner(backend, device, spec, state_dict, precision,
                                                             forwards=forwards, digest=state_digest,
-                                                            any_size=scales != (1.0,))
+                                                            any_size=needs_any_size(scales))
         self.threads = torch.get_num_threads()  # torch's, and the prepared runtime's once it runs
         self.background = None if upgrade is None else BackgroundRuntime(upgrade, spec, state_dict, precision,
                                                                          threads=self.threads)

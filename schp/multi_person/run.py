@@ -231,6 +231,7 @@ def load_parsers(options: MultiPersonOptions, device):
     """((global, local) HumanParsers, their checkpoint paths). Both checkpoints are read first, through
     the one loading path (checkpoint.load_checkpoint), so that the local network's export can start
     beside the global one's from the weights already in memory (each file is read once)."""
+    from schp.backends import needs_any_size
     from schp.checkpoint import CheckpointError, default_cache_dir, load_checkpoint
     from schp.data.catalog import MULTI_PERSON
     from schp.inference import HumanParser
@@ -246,7 +247,7 @@ def load_parsers(options: MultiPersonOptions, device):
             raise SetupError(str(err), f"{role}_checkpoint") from None
         paths.append(path)
     beside, local_digest = export_local_beside(specs["local"], states["local"], options.backend, device,
-                                               any_size=tuple(options.scales) != (1.0,))
+                                               any_size=needs_any_size(options.scales))
     digests = {"global": None, "local": local_digest}
     parsers = []
     try:
