@@ -131,6 +131,14 @@ def run_command(name: str, *args, timeout: float = 300, env=None) -> CommandResu
 EXTRACTOR = [sys.executable, str(ROOT / "simple_extractor.py")]
 
 
+def onnx_input_dims(path) -> list:
+    """An ONNX file's input dimensions: numbers where fixed, names where any size goes."""
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
+
+
 def wait_until(predicate, timeout: float = 120.0, step: float = 0.01) -> bool:
     """Poll `predicate` until it is true (True) or `timeout` seconds pass (False): the one bounded wait."""
     import time

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import onnx_input_dims, wait_until
 from schp.api import dataset_spec
 from schp.backends import resolve_backend
 from schp.commands import export as export_cli
@@ -48,14 +49,6 @@ def person_like(seed: int, height: int, width: int) -> np.ndarray:
                  (int(cx + side * 0.1 * width), int(0.95 * height)), color(), max(2, width // 14))
     img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def input_dims(path):
-    """The ONNX file's input dimensions: numbers where fixed, names where any size goes."""
-    import onnx
-
-    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    return [d.dim_param or d.dim_value for d in dims]
 
 
 def run_export(capsys, *argv):
@@ -245,7 +238,7 @@ def test_backend_switch_end_to_end_on_a_folder(small_model, run_cli, tmp_path, c
         if run == "auto-empty":
             assert not (tmp_path / "cache" / "exports").exists()
     (cached,) = (tmp_path / "cache" / "exports").glob("custom-160x160-*.onnx")
-    assert input_dims(cached) == ["N", 3, 160, 160]  # any batch; the input size only (no test-time scales)
+    assert onnx_input_dims(cached) == ["N", 3, 160, 160]  # any batch; the input size only (no test-time scales)
     assert all((a == b).all() for a, b in zip(maps["auto-empty"], maps["torch"]))
     for backend in ("onnxruntime", "openvino", "auto-cached"):
         for got, expected in zip(maps[backend], maps["torch"]):
@@ -427,10 +420,7 @@ def test_closing_the_parser_stops_a_background_export_and_leaves_nothing(checkpo
     threads = torch.get_num_threads()
     reference = parser.parse([image])[0]
     background = parser.background
-    deadline = time.monotonic() + 60
-    while not background.exporting and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert background.exporting
+    assert wait_until(lambda: background.exporting, timeout=60, step=0.05)
     child = background._child
     time.sleep(3)  # into the export itself, past the child's start-up
     parser.close()
@@ -445,7 +435,6 @@ def test_a_parser_dropped_without_close_stops_its_background_work(checkpoints, t
     its set-up thread, which would otherwise run on, or wait for a switch that never comes while holding
     a loaded runtime; the export leaves no file."""
     import gc
-    import time
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("SCHP_CACHE_DIR", str(cache))
@@ -453,10 +442,7 @@ def test_a_parser_dropped_without_close_stops_its_background_work(checkpoints, t
     parser = HumanParser(spec, read_state_dict(checkpoints("pascal")), CPU, backend="auto")
     parser.parse([person_like(15, 200, 150)])
     background = parser.background
-    deadline = time.monotonic() + 60
-    while not background.exporting and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert background.exporting
+    assert wait_until(lambda: background.exporting, timeout=60, step=0.05)
     child = background._child
     del parser
     gc.collect()

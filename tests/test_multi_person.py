@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools import mask as mask_util  # noqa: E402
 
 from schp.commands import multi_person  # noqa: E402
-from conftest import cihp_checkpoints  # noqa: E402
+from conftest import cihp_checkpoints, onnx_input_dims  # noqa: E402
 import multi_person_original as released  # noqa: E402
 import original_pipeline  # noqa: E402
 from schp.multi_person import fusion  # noqa: E402
@@ -544,8 +544,6 @@ def test_backend_runs_both_networks_with_the_same_maps(tmp_path, capsys, cihp, s
     with test-time scales, so through the files that take any crop size (made only for such jobs). Each
     checkpoint is read once, and its weights digested once to find its export, though the local
     network's export starts beside the global one's."""
-    import onnx
-
     import schp.backends
     import schp.checkpoint
 
@@ -579,8 +577,7 @@ def test_backend_runs_both_networks_with_the_same_maps(tmp_path, capsys, cihp, s
     assert [p.name.split(f"-{SIZE}x{SIZE}-")[0] for p in exports] == ["cihp-global", "cihp-local"], exports
     for path in exports:  # any batch, any height and width
         assert f"-{SIZE}x{SIZE}-anysize-" in path.name
-        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-        assert [d.dim_param or d.dim_value for d in dims] == ["N", 3, "H", "W"], path.name
+        assert onnx_input_dims(path) == ["N", 3, "H", "W"], path.name
     assert maps["torch"][0].any() and maps["torch"][1].any()
     for got, expected in zip(maps["openvino"], maps["torch"]):
         assert (got == expected).mean() >= 0.9999
