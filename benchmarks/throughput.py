@@ -538,8 +538,13 @@ def read_ran(rec, summary) -> None:
     record = json.loads(Path(summary).read_text())
     crops = record.get("crops_by_backend") or {}
     rec["crops_by_backend"], rec["ran"] = crops, record["backend"]
+    first = crops.get("torch", 0) if len(crops) > 1 else 0
+    # the forward stage's own time per image (its batch's normalising, network and upsampling, shared out
+    # over the batch: the summary's per-input seconds), median over the inputs after the first on the
+    # backend that ran last; the rest of the steady time per image is what the run loop adds between passes
+    seconds = [i["seconds"] for i in record.get("inputs", []) if i.get("status") == "processed" and i.get("seconds")]
+    rec["forward_per_image"] = statistics.median(seconds[first + 1:]) if len(seconds) > first + 1 else None
     if len(crops) > 1:
-        first = crops.get("torch", 0)
         timed = [b for b in crops if b != "torch"]
         rec["ran"] = f"torch>{'+'.join(timed) + '>' if len(timed) > 1 else ''}{record['backend']}@{first}"
         times = rec["output_times"]
@@ -755,7 +760,9 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
             rec.update(out_dir=out, precision=precision, backend=backend, conv_gflops_around=[rate_before, rate_after])
             read_ran(rec, summary)
             rec["x_limit_at_the_time"] = rec["per_image"] * max(rate_before, rate_after) / graph_gflop
-            print(f"  round {attempt + 1}, {text}: {rec['per_image']:.3f} s/image steady, conv rate "
+            forward = rec["forward_per_image"]
+            print(f"  round {attempt + 1}, {text}: {rec['per_image']:.3f} s/image steady"
+                  + (f" (the forward stage {forward:.3f})" if forward else "") + ", conv rate "
                   f"{rate_before:.0f} / {rate_after:.0f} GFLOP/s before / after: {rec['x_limit_at_the_time']:.2f} x "
                   f"the limit at the time (other load {rec['other_load_cores']:.2f} cores)", flush=True)
             runs[text].append(rec)
@@ -765,6 +772,7 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
         records[text] = min(recs, key=lambda r: r["per_image"])
         records[text]["per_image_runs"] = [r["per_image"] for r in recs]
         records[text]["x_limit_at_the_time_runs"] = [r["x_limit_at_the_time"] for r in recs]
+        records[text]["forward_per_image_runs"] = [r["forward_per_image"] for r in recs]
     # the rates again after the runs: the limit is the best the cores gave in this run (load from other
     # processes only lowers a rate, and it may have come or gone meanwhile)
     wait_idle(a.wait_idle, "the convolution rates, again")
@@ -790,13 +798,14 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
     released_limit = {p: released_gflop / conv[p]["best_gflops"] for p in conv}
     print(f"released-network limit = {released_gflop:.1f} GFLOP / the same rates: fp32 {released_limit['fp32']:.3f} s; "
           f"bf16 {released_limit['bf16']:.3f} s")
-    headers = ["config", "ran", "s/img", "rounds", "x limit", "x released limit", "x limit at the time", "goal",
-               "pixels = fp32 torch", "other load"]
+    headers = ["config", "ran", "s/img", "rounds", "forward stage", "x limit", "x released limit", "x limit at the time",
+               "goal", "pixels = fp32 torch", "other load"]
     rows = []
     for text, r in records.items():
         ran = r["ran"]
         goal = "<= 1.10" if r["precision"] == "fp32" else "<= 1.5"
         rows.append([text, ran, f"{r['per_image']:.3f}", " ".join(f"{t:.3f}" for t in r["per_image_runs"]),
+                     " ".join(f"{t:.3f}" if t else "-" for t in r["forward_per_image_runs"]),
                      f"{r['per_image'] / limit[r['precision']]:.2f}",
                      f"{r['per_image'] / released_limit[r['precision']]:.2f}",
                      f"{statistics.median(r['x_limit_at_the_time_runs']):.2f} (median)", goal,
