@@ -20,6 +20,7 @@ Run it on a quiet machine.
 import argparse
 import collections
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,13 +34,6 @@ sys.path.insert(0, str(ROOT))
 from schp.data.catalog import DATASETS  # noqa: E402  (no torch: --help stays fast)
 
 
-def prod(values):
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
-
-
 def node_flops(op: str, inputs, outputs) -> int:
     """2 x multiply-adds of one profiled node, from its input and output shapes (0 for other ops)."""
     if not outputs or not inputs:
@@ -47,9 +41,9 @@ def node_flops(op: str, inputs, outputs) -> int:
     out = outputs[0]
     if op in ("Conv", "FusedConv", "NchwcConv") and len(inputs) >= 2 and len(out) >= 4:
         weight = inputs[1]  # Cout x Cin/groups x kh x kw (blocked layouts: the same values, regrouped)
-        return 2 * out[0] * out[2] * out[3] * prod(weight)
+        return 2 * out[0] * out[2] * out[3] * math.prod(weight)
     if op in ("Gemm", "MatMul", "FusedMatMul") and len(inputs) >= 2:
-        return 2 * prod(out) * inputs[0][-1]
+        return 2 * math.prod(out) * inputs[0][-1]
     return 0
 
 
@@ -65,9 +59,8 @@ def shapes(arg_list):
 def group_of(op: str, inputs, outputs, flops: int) -> str:
     """A row of the summary: convolutions by kernel and output resolution, other ops by type."""
     if flops and op not in ("Gemm", "MatMul", "FusedMatMul"):
-        weight, out = inputs[1], outputs[0]
-        k = f"{weight[-1]}x{weight[-2]}" if len(weight) == 4 else f"{weight[2]}x{weight[3]}"
-        return f"conv {k} at {out[2]}x{out[3]}"
+        weight, out = inputs[1], outputs[0]  # kh, kw and the output's h, w at [2], [3] in blocked layouts too
+        return f"conv {weight[2]}x{weight[3]} at {out[2]}x{out[3]}"
     return op
 
 
