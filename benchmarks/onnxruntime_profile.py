@@ -7,15 +7,13 @@ benchmarks/throughput.py divides by.
     python benchmarks/onnxruntime_profile.py [--rounds 8] [--dataset pascal] [--onnx FILE] [--json out.json]
 
 Without --onnx a synthetic checkpoint in the released format is exported to a temporary folder first.
-The session is set up as `--backend onnxruntime` sets it up (schp.backends.OnnxRuntimeRunner: torch's
+The session is set up as `--backend onnxruntime` sets it up (schp.backends.onnxruntime_options: torch's
 thread count, all graph optimisations); one warm-up pass, then `--rounds` profiled passes of one crop of
 the input size, with the lone convolution timed (best of `--rate-seconds`) before, between and after them:
 every pass is divided by the limit at the better of the two rates beside it, as a shared machine's speed
-may drift between passes. A group's
-figures are the medians over the passes. FLOP = 2 x multiply-adds of the convolutions (and of
-Gemm/MatMul): for a convolution 2 x N x out_h x out_w x (weight values), which holds for ONNX Runtime's
-blocked (NCHWc) layout too.
-Run it on a quiet machine.
+may drift between passes. A group's figures are the medians over the passes. FLOP = 2 x multiply-adds
+of the convolutions (and of Gemm/MatMul): for a convolution 2 x N x out_h x out_w x (weight values),
+which holds for ONNX Runtime's blocked (NCHWc) layout too. Run it on a quiet machine.
 """
 import argparse
 import collections
@@ -34,15 +32,19 @@ sys.path.insert(0, str(ROOT))
 from schp.data.catalog import DATASETS  # noqa: E402  (no torch: --help stays fast)
 
 
+CONV_OPS = ("Conv", "FusedConv", "NchwcConv")
+MATMUL_OPS = ("Gemm", "MatMul", "FusedMatMul")
+
+
 def node_flops(op: str, inputs, outputs) -> int:
     """2 x multiply-adds of one profiled node, from its input and output shapes (0 for other ops)."""
     if not outputs or not inputs:
         return 0
     out = outputs[0]
-    if op in ("Conv", "FusedConv", "NchwcConv") and len(inputs) >= 2 and len(out) >= 4:
+    if op in CONV_OPS and len(inputs) >= 2 and len(out) >= 4:
         weight = inputs[1]  # Cout x Cin/groups x kh x kw (blocked layouts: the same values, regrouped)
         return 2 * out[0] * out[2] * out[3] * math.prod(weight)
-    if op in ("Gemm", "MatMul", "FusedMatMul") and len(inputs) >= 2:
+    if op in MATMUL_OPS and len(inputs) >= 2:
         return 2 * math.prod(out) * inputs[0][-1]
     return 0
 
@@ -51,14 +53,14 @@ def shapes(arg_list):
     """[[dims], ...] from the profile's 'input_type_shape' / 'output_type_shape' entries."""
     result = []
     for entry in arg_list or []:
-        for _, dims in entry.items():
+        for dims in entry.values():
             result.append([int(d) for d in dims])
     return result
 
 
 def group_of(op: str, inputs, outputs, flops: int) -> str:
     """A row of the summary: convolutions by kernel and output resolution, other ops by type."""
-    if flops and op not in ("Gemm", "MatMul", "FusedMatMul"):
+    if flops and op in CONV_OPS:
         weight, out = inputs[1], outputs[0]  # kh, kw and the output's h, w at [2], [3] in blocked layouts too
         return f"conv {weight[2]}x{weight[3]} at {out[2]}x{out[3]}"
     return op
@@ -77,7 +79,7 @@ def main(argv=None):
     import onnxruntime as ort
     import torch
 
-    from schp.backends import OnnxRuntimeRunner, export_for_runtimes
+    from schp.backends import export_for_runtimes, onnxruntime_options
     from schp.checkpoint import read_state_dict
     from throughput import conv_rate_512, make_checkpoint
 
@@ -91,13 +93,9 @@ def main(argv=None):
             path = Path(tmp) / "network.onnx"
             print("exporting a synthetic checkpoint ...", flush=True)
             export_for_runtimes(spec, read_state_dict(ckpt), path)
-        runner = OnnxRuntimeRunner(path)  # the project's session options
-        options = ort.SessionOptions()
-        for name in ("intra_op_num_threads", "inter_op_num_threads", "execution_mode", "graph_optimization_level"):
-            setattr(options, name, getattr(runner.session.get_session_options(), name))
+        options = onnxruntime_options()  # the runner's own, profiled
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort-profile")
-        del runner
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         x = np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
         feed = {session.get_inputs()[0].name: x}
@@ -151,7 +149,8 @@ def main(argv=None):
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "onnxruntime": ort.__version__, "torch_threads": torch.get_num_threads(), "dataset": a.dataset,
-        "input_size": [h, w], "rounds": a.rounds, "gflop": gflop, "conv3x3_gflops_timed": timed, "conv3x3_gflops_per_pass": rates,
+        "input_size": [h, w], "rounds": a.rounds, "gflop": gflop, "conv3x3_gflops_timed": timed,
+        "conv3x3_gflops_per_pass": rates,
         "forward_seconds_per_pass": walls, "x_limit_per_pass": ratios, "x_limit_median": statistics.median(ratios),
         "groups": groups,
         "slowest_nodes": sorted(({"name": n, **v} for n, v in nodes.items()), key=lambda v: -v["seconds"])[:a.top],

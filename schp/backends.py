@@ -208,20 +208,29 @@ def export_for_runtimes(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], 
         raise BackendError(f"cannot write the exported network to {path.parent}: {err.strerror or err}") from None
 
 
+def onnxruntime_options(threads: Optional[int] = None):
+    """The ONNX Runtime session options of `--backend onnxruntime` (`threads`: default torch's), for its
+    runner and for whatever measures that runner (benchmarks/onnxruntime_profile.py)."""
+    import onnxruntime as ort
+    import torch
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
 class OnnxRuntimeRunner:
     """fusion logits of normalised crops, by ONNX Runtime's CPU provider on the raw ONNX export."""
 
     def __init__(self, path: Path, threads: Optional[int] = None):
         import onnxruntime as ort
-        import torch
         from schp.export import INPUT_NAME
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), onnxruntime_options(threads),
+                                            providers=["CPUExecutionProvider"])
         self.input_name = INPUT_NAME
 
     def prepare(self, shape) -> None:
