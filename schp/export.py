@@ -22,7 +22,7 @@ from torch import nn
 from schp.choices import DEFAULT_OPSET, FORMAT_PRECISIONS, FORMATS, OUTPUTS  # noqa: F401  (re-exported)
 from schp.data.catalog import DatasetSpec
 from schp.errors import SCHPError, SetupError
-from schp.networks import build_ce2p, fold_abn
+from schp.networks import folded_ce2p
 from schp.utils.outputs import remove_stale_temporaries, temp_path
 
 INPUT_NAME = "input.1"  # what the re-hosting pipelines feed
@@ -65,11 +65,7 @@ class ExportGraph(nn.Module):
 
 def folded_network(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
     """The network of `spec` with `state_dict` loaded and InPlace-ABN folded, fp32, CPU, eval."""
-    with torch.device("meta"):
-        model = build_ce2p(spec.num_classes)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state_dict, strict=True)
-    return fold_abn(model).eval()
+    return folded_ce2p(spec.num_classes, state_dict)
 
 
 def check_options(fmt: str, precision: str, outputs: str, opset: int) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from schp.choices import DEVICES, PRECISIONS, parse_scales  # noqa: F401  (parse_scales: re-exported)
 from schp.data.catalog import DatasetSpec
 from schp.errors import ParameterError, SCHPWarning
-from schp.networks import build_ce2p, fold_abn
+from schp.networks import folded_ce2p
 from schp.utils.cpu import BF16_CPU_FLAGS, cpu_flags  # noqa: F401  (re-exported)
 from schp.utils.transforms import MEAN_BGR, STD_BGR, output_to_input_map, row_bands, warp_argmax_torch, warp_channel_rows
 
@@ -146,11 +146,7 @@ class HumanParser:
         self.switch_on_forward = True
         self.model = None
         if self.runner is None:
-            with torch.device("meta"):  # skip the random init of 66.8 M values (0.27 s): all are loaded
-                model = build_ce2p(spec.num_classes)
-            model = model.to_empty(device="cpu")
-            model.load_state_dict(state_dict, strict=True)
-            self.model = fold_abn(model).to(device, memory_format=torch.channels_last).eval()
+            self.model = folded_ce2p(spec.num_classes, state_dict).to(device, memory_format=torch.channels_last)
         self.mean = torch.tensor(MEAN_BGR, dtype=torch.float32, device=device)[:, None, None]
         self.std = torch.tensor(STD_BGR, dtype=torch.float32, device=device)[:, None, None]
 

@@ -88,8 +88,8 @@ def run_cli(capsys):
     return run
 
 
-# Runs a command's main() in a fresh interpreter; its exit code and whether torch got imported on the
-# way go to the file named first (stdout and stderr stay the command's own).
+# Runs a command's main() in a fresh interpreter; its exit code and whether torch and sympy got imported
+# on the way go to the file named first (stdout and stderr stay the command's own).
 COMMAND_DRIVER = """
 import json, sys
 sys.path.insert(0, {root!r})
@@ -102,15 +102,16 @@ except SystemExit as stop:
     code = stop.code
 finally:
     with open(report, "w") as f:
-        json.dump({{"code": code, "torch": "torch" in sys.modules}}, f)
+        json.dump({{"code": code, "torch": "torch" in sys.modules, "sympy": "sympy" in sys.modules}}, f)
 """
 
 
 class CommandResult:
-    """What run_command saw: exit code, stdout, stderr, and whether torch was imported."""
+    """What run_command saw: exit code, stdout, stderr, and whether torch and sympy were imported."""
 
-    def __init__(self, code, out, err, torch_imported):
+    def __init__(self, code, out, err, torch_imported, sympy_imported=None):
         self.code, self.out, self.err, self.torch_imported = code, out, err, torch_imported
+        self.sympy_imported = sympy_imported
 
 
 def run_command(name: str, *args, timeout: float = 300, env=None) -> CommandResult:
@@ -124,7 +125,7 @@ def run_command(name: str, *args, timeout: float = 300, env=None) -> CommandResu
                               + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
                               env=env)
         seen = json.loads(report.read_text()) if report.is_file() else {"code": done.returncode, "torch": None}
-    return CommandResult(seen["code"], done.stdout, done.stderr, seen["torch"])
+    return CommandResult(seen["code"], done.stdout, done.stderr, seen["torch"], seen.get("sympy"))
 
 
 # The extractor's command line as a subprocess (tests of signals, disks and set-up run it for real).

@@ -53,6 +53,18 @@ def test_usage_errors_answer_in_one_line_before_torch_is_imported(argv, message,
     print(f"{argv}: answered in {seconds:.2f} s")
 
 
+def test_a_torch_run_builds_the_network_without_importing_sympy(small_model, tmp_path):
+    """The network is built on the meta device and handed copies of the weights: no random init, and
+    none of the symbolic-shape machinery (sympy) that `to_empty` on meta tensors imports, which cost
+    every command about 0.6 s of start-up (exports import it, as they must)."""
+    inputs = one_image(tmp_path / "in")
+    result = run_command("extract", *small_model, "--backend", "torch", "--device", "cpu", "--input-dir", inputs,
+                         "--output-dir", tmp_path / "out", "--quiet", timeout=300)
+    assert result.code == 0, result.err
+    assert (tmp_path / "out" / "a.png").is_file()
+    assert result.torch_imported is True and result.sympy_imported is False
+
+
 def test_device_index_the_machine_lacks_is_a_setup_error_with_the_count():
     with pytest.raises(ValueError, match=r"^device='cuda:7': this machine has 2 CUDA devices \(cuda:0 to cuda:1\)"):
         select_device("cuda:7", None, cuda_count=2)

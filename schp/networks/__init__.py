@@ -1,5 +1,5 @@
 """Networks of the SCHP extractor: the CE2P human parser."""
-from schp.networks.ce2p import CE2P, CE2POutput, InPlaceABN, build_ce2p, fold_abn
+from schp.networks.ce2p import CE2P, CE2POutput, InPlaceABN, build_ce2p, fold_abn, folded_ce2p
 
 ARCHITECTURES = ("resnet101",)
 
@@ -20,4 +20,4 @@ def init_model(name: str = "resnet101", num_classes: int = 20, pretrained=None) 
     return model
 
 
-__all__ = ["CE2P", "CE2POutput", "InPlaceABN", "build_ce2p", "fold_abn", "init_model"]
+__all__ = ["CE2P", "CE2POutput", "InPlaceABN", "build_ce2p", "fold_abn", "folded_ce2p", "init_model"]
