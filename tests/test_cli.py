@@ -76,18 +76,17 @@ def test_shards_cover_every_input_exactly_once(run_cli, tmp_path):
         assert run_cli("--input-dir", inputs, "--output-dir", tmp_path / "o", "--shard", bad)[0] == 2
 
 
-def test_manifest_records_every_input_and_the_run(checkpoints, run_cli, tmp_path):
+def test_manifest_records_every_input_and_the_run(small_model, run_cli, tmp_path):
     inputs = photos(tmp_path / "in", ["a.jpg", "b.png"])
     (inputs / "broken.jpg").write_bytes(b"")
     out = tmp_path / "out"
     summary = tmp_path / "report" / "run.json"
-    code, _, _ = run_cli("--model-restore", checkpoints("pascal"), "--input-dir", inputs, "--output-dir", out,
-                         "--summary", summary)
+    code, _, _ = run_cli(*small_model, "--input-dir", inputs, "--output-dir", out, "--summary", summary)
     assert code == 1
     manifest = json.loads(summary.read_text())
     assert manifest["totals"] == {"processed": 2, "skipped": 0, "failed": 1, "not-run": 0, "inputs": 3}
-    assert manifest["dataset"] == "pascal" and manifest["device"] == "cpu"
-    assert manifest["precision"] == "fp32" and manifest["checkpoint"] == str(checkpoints("pascal"))
+    assert manifest["dataset"] == "custom" and manifest["device"] == "cpu"
+    assert manifest["precision"] == "fp32" and manifest["checkpoint"] == small_model[-1]
     assert {"python", "torch", "opencv", "numpy"} <= manifest["versions"].keys()
     by_input = {entry["input"]: entry for entry in manifest["inputs"]}
     a = by_input[str(inputs / "a.jpg")]
@@ -95,8 +94,7 @@ def test_manifest_records_every_input_and_the_run(checkpoints, run_cli, tmp_path
     assert (a["width"], a["height"]) == (40, 30) and a["seconds"] > 0
     broken = by_input[str(inputs / "broken.jpg")]
     assert broken["status"] == "failed" and "empty file" in broken["reason"]
-    code, _, _ = run_cli("--model-restore", checkpoints("pascal"), "--input-dir", inputs, "--output-dir", out,
-                         "--summary", summary)
+    code, _, _ = run_cli(*small_model, "--input-dir", inputs, "--output-dir", out, "--summary", summary)
     statuses = [e["status"] for e in json.loads(summary.read_text())["inputs"]]
     assert sorted(statuses) == ["failed", "skipped", "skipped"]
 
@@ -161,14 +159,13 @@ def test_device_choice_follows_the_original_gpu_option():
         assert select_device("auto", "0") == torch.device("cuda:0")
 
 
-def test_cuda_device_without_cuda_is_a_setup_error(checkpoints, run_cli, tmp_path):
+def test_cuda_device_without_cuda_is_a_setup_error(small_model, run_cli, tmp_path):
     import torch
 
     inputs = photos(tmp_path / "in", ["a.jpg"])
-    code, _, err = run_cli("--model-restore", checkpoints("pascal"), "--input-dir", inputs,
-                           "--output-dir", tmp_path / "out", "--gpu", "None")
+    code, _, err = run_cli(*small_model, "--input-dir", inputs, "--output-dir", tmp_path / "out", "--gpu", "None")
     assert code == 0 and (tmp_path / "out" / "a.png").is_file()
     if not torch.cuda.is_available():
-        code, _, err = run_cli("--model-restore", checkpoints("pascal"), "--input-dir", inputs,
+        code, _, err = run_cli(*small_model, "--input-dir", inputs,
                                "--output-dir", tmp_path / "out2", "--device", "cuda")
         assert code == 2 and "CUDA is not available" in err

@@ -120,17 +120,16 @@ def test_evaluate_scores_without_an_oversized_label_and_writes_the_summary(tmp_p
 
 
 # ----------------------------------------------------------------------------- item 4: export
-def _export(tmp_path, checkpoint, output, *extra, **popen):
-    return subprocess.Popen([PY, str(ROOT / "export.py"), "--dataset", "lip", "--model-restore", str(checkpoint),
-                             "--output", str(output), "--no-verify", *extra], stderr=subprocess.PIPE,
-                            text=True, cwd=tmp_path, **popen)
+def _export(tmp_path, model_args, output, *extra, **popen):
+    return subprocess.Popen([PY, str(ROOT / "export.py"), *model_args, "--output", str(output), "--no-verify", *extra],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, **popen)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_export_on_a_stop_signal_exits_130_and_leaves_no_temporary(tmp_path, checkpoints, signum):
+def test_export_on_a_stop_signal_exits_130_and_leaves_no_temporary(tmp_path, small_model, signum):
     out = tmp_path / "out"
     out.mkdir()
-    proc = _export(tmp_path, checkpoints("lip"), out / "m.pt", "--format", "torchscript")
+    proc = _export(tmp_path, small_model, out / "m.pt", "--format", "torchscript")
     try:
         line = proc.stderr.readline()  # "exporting ...": the network is being built and traced
         assert line.startswith("exporting"), line
@@ -144,21 +143,21 @@ def test_export_on_a_stop_signal_exits_130_and_leaves_no_temporary(tmp_path, che
     assert os.listdir(out) == []
 
 
-def test_export_on_a_full_disk_is_one_line_and_exit_1(tmp_path, checkpoints):
+def test_export_on_a_full_disk_is_one_line_and_exit_1(tmp_path, small_model):
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)],
                                                    capture_output=True).returncode == 0
     try:
         if mounted:
-            proc = _export(tmp_path, checkpoints("lip"), disk / "m.pt", "--format", "torchscript")
+            proc = _export(tmp_path, small_model, disk / "m.pt", "--format", "torchscript")
         else:  # a file-size limit gives EFBIG where a small disk gives ENOSPC
             pre = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
                   "resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, 20 << 20))"
             proc = subprocess.Popen([PY, "-c", pre + "; import runpy, sys; sys.argv = sys.argv[1:]; "
                                      "runpy.run_path(sys.argv[0], run_name='__main__')", str(ROOT / "export.py"),
-                                     "--dataset", "lip", "--model-restore", str(checkpoints("lip")), "--output",
-                                     str(disk / "m.pt"), "--no-verify", "--format", "torchscript"],
+                                     *small_model, "--output", str(disk / "m.pt"), "--no-verify", "--format",
+                                     "torchscript"],
                                     stderr=subprocess.PIPE, text=True)
         err = proc.communicate(timeout=300)[1]
         left = os.listdir(disk)
@@ -253,19 +252,19 @@ def stop_with_a_signal(batches):  # the signal lands while the workers are being
     return real(batches)
 
 workers.stop_workers = stop_with_a_signal
-report = parse_folder(photos, out, dataset="lip", checkpoint=checkpoint, device="cpu", num_workers=1,
+report = parse_folder(photos, out, dataset="custom", checkpoint=checkpoint, device="cpu", num_workers=1,
                       backend="torch", summary=out.parent / "run.json")
 print(json.dumps({"interrupted": report.interrupted, "code": report.exit_code()}))
 """
 
 
-def test_a_stop_signal_during_the_workers_shutdown_is_not_lost(tmp_path, checkpoints):
+def test_a_stop_signal_during_the_workers_shutdown_is_not_lost(tmp_path, small_model):
     """In a fresh interpreter (the signal state of earlier in-process tests must not matter)."""
     photos = tmp_path / "photos"
     photos.mkdir()
     write_image(photos / "0.jpg")
     done = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r)\n" % str(ROOT) + SHUTDOWN_SIGNAL,
-                           str(photos), str(tmp_path / "out"), str(checkpoints("lip"))],
+                           str(photos), str(tmp_path / "out"), small_model[-1]],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, SCHP_BACKEND="torch"))
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["interrupted"] and report["code"] == 130, done.stderr
@@ -291,15 +290,15 @@ def _holding(pid: int, target: Path) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_killed_decoding_worker_loses_only_its_input(tmp_path, checkpoints):
+def test_a_killed_decoding_worker_loses_only_its_input(tmp_path, small_model):
     photos = tmp_path / "photos"
     photos.mkdir()
     write_image(photos / "1.jpg")  # after the hung input: decoded by the new pool
     hang = photos / "0-hang.png"  # a FIFO: its worker waits on it, so we know which one to kill
     os.mkfifo(hang)
     out = tmp_path / "out"
-    proc = subprocess.Popen(EXTRACTOR + ["--dataset", "lip", "--model-restore", str(checkpoints("lip")),
-                                         "--input-dir", str(photos), "--output-dir", str(out), "--num-workers", "2",
+    proc = subprocess.Popen(EXTRACTOR + small_model + ["--input-dir", str(photos), "--output-dir", str(out),
+                                                       "--num-workers", "2",
                                          "--device", "cpu", "--quiet"], stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, SCHP_BACKEND="torch"))
     writer = None
@@ -329,7 +328,7 @@ def test_a_killed_decoding_worker_loses_only_its_input(tmp_path, checkpoints):
 
 
 # ----------------------------------------------------------------------------- item 10: videos, --summary
-def test_undecodable_and_oversized_videos_leave_no_folder_and_no_opencv_warning(tmp_path, checkpoints):
+def test_undecodable_and_oversized_videos_leave_no_folder_and_no_opencv_warning(tmp_path, small_model):
     photos = tmp_path / "in"
     photos.mkdir()
     (photos / "junk.mp4").write_bytes(os.urandom(4000))
@@ -338,8 +337,7 @@ def test_undecodable_and_oversized_videos_leave_no_folder_and_no_opencv_warning(
         writer.write(np.full((48, 64, 3), 40 * k, np.uint8))
     writer.release()
     out = tmp_path / "out"
-    done = subprocess.run(EXTRACTOR + ["--dataset", "lip", "--model-restore", str(checkpoints("lip")),
-                                       "--input-dir", str(photos), "--output-dir", str(out), "--quiet",
+    done = subprocess.run(EXTRACTOR + small_model + ["--input-dir", str(photos), "--output-dir", str(out), "--quiet",
                                        "--max-pixels", "1000"], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, SCHP_BACKEND="torch"))
     assert done.returncode == 1, done.stderr

@@ -60,26 +60,26 @@ def test_mixed_folder_gives_maps_for_good_files_and_one_line_per_bad_one(small_m
     assert not partial_files(out) and not partial_files(inputs)
 
 
-def test_exif_rotated_jpeg_is_parsed_upright(checkpoints, run_cli, tmp_path):
+def test_exif_rotated_jpeg_is_parsed_upright(small_model, run_cli, tmp_path):
     (tmp_path / "in").mkdir()
     path = corpus.make_exif_jpg(tmp_path / "in", 6, name="exif_rot6.jpg")
     stored = corpus.stored_pixels(path)
-    code, _, _ = run_cli("--model-restore", checkpoints("pascal"), "--input-dir", path.parent,
+    code, _, _ = run_cli(*small_model, "--input-dir", path.parent,
                          "--output-dir", tmp_path / "out")
     assert code == 0
     labels = Image.open(tmp_path / "out" / "exif_rot6.png")
     assert labels.size == (stored.shape[0], stored.shape[1])  # width and height swapped by orientation 6
 
 
-def test_output_folder_inside_the_input_folder_is_not_read_back(checkpoints, run_cli, tmp_path):
+def test_output_folder_inside_the_input_folder_is_not_read_back(small_model, run_cli, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     corpus.make_good_jpg(inputs)
-    args = ("--model-restore", checkpoints("pascal"), "--input-dir", inputs, "--output-dir", inputs / "maps")
+    args = (*small_model, "--input-dir", inputs, "--output-dir", inputs / "maps")
     assert run_cli(*args, "--recursive")[0] == 0
     code, _, err = run_cli(*args, "--recursive")
     assert code == 0 and "0 processed, 1 skipped, 0 failed of 1 inputs" in err
-    code, _, err = run_cli("--model-restore", checkpoints("pascal"), "--input-dir", inputs, "--output-dir", inputs)
+    code, _, err = run_cli(*small_model, "--input-dir", inputs, "--output-dir", inputs)
     assert code == 2 and "must differ" in err
 
 
@@ -104,7 +104,7 @@ def test_setup_errors_exit_2_before_any_work(checkpoints, run_cli, tmp_path):
     assert code == 2 and "looks like a lip checkpoint" in err
 
 
-def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_kept(checkpoints, run_cli, tmp_path):
+def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_kept(small_model, run_cli, tmp_path):
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     out.mkdir()
@@ -116,7 +116,7 @@ def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_kept(checkpoin
     stale.write_bytes(b"half a png")
     live = out / f".other.schp-tmp-{host_tag()}-{os.getpid()}.png"
     live.write_bytes(b"being written by a live process")
-    assert run_cli("--model-restore", checkpoints("pascal"), "--input-dir", inputs, "--output-dir", out)[0] == 0
+    assert run_cli(*small_model, "--input-dir", inputs, "--output-dir", out)[0] == 0
     assert not stale.exists() and live.exists()
     assert (out / "good.png").is_file()
 
@@ -213,10 +213,10 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
 
-def test_write_failure_is_reported_in_one_line_and_leaves_no_partial_file(checkpoints, tmp_path):
+def test_write_failure_is_reported_in_one_line_and_leaves_no_partial_file(small_model, tmp_path):
     inputs, out = tmp_path / "in", tmp_path / "out"
     make_photos(inputs, 2, size=(320, 240))  # logits: 320*240*7*4 = 2.1 MB > the 200 kB limit
-    result = subprocess.run(CLI + ["--model-restore", str(checkpoints("pascal")), "--input-dir", str(inputs),
+    result = subprocess.run(CLI + small_model + ["--input-dir", str(inputs),
                                    "--output-dir", str(out), "--quiet", "--logits"],
                             capture_output=True, text=True, preexec_fn=_limit_file_size, timeout=300,
                             env=dict(os.environ, SCHP_CACHE_DIR=""))

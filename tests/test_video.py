@@ -45,7 +45,7 @@ def read_map(path):
         return np.asarray(image)
 
 
-def test_three_second_video_gives_frame_maps_equal_to_images_and_videos(checkpoints, run_cli, tmp_path):
+def test_three_second_video_gives_frame_maps_equal_to_images_and_videos(small_model, run_cli, tmp_path):
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     make_video(inputs / "clip.mp4", 30)  # 3 s at 10 fps
@@ -53,7 +53,7 @@ def test_three_second_video_gives_frame_maps_equal_to_images_and_videos(checkpoi
     assert len(frames) == 30
     for i in (0, 15):  # the same frames as lossless images, parsed in the same run
         cv2.imwrite(str(inputs / f"still_{i:02d}.png"), frames[i])
-    code, _, err = run_cli("--model-restore", checkpoints("pascal"), "--device", "cpu", "--input-dir", inputs,
+    code, _, err = run_cli(*small_model, "--device", "cpu", "--input-dir", inputs,
                            "--output-dir", out, "--every", "15", "--overlay", "--logits",
                            "--summary", tmp_path / "run.json")
     assert code == 0, err
@@ -90,12 +90,12 @@ def test_three_second_video_gives_frame_maps_equal_to_images_and_videos(checkpoi
     assert code == 0 and "0 processed, 3 skipped" in err  # all done: no model needed
 
 
-def test_truncated_video_parses_what_decodes_then_resumes(checkpoints, run_cli, tmp_path):
+def test_truncated_video_parses_what_decodes_then_resumes(small_model, run_cli, tmp_path):
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     full = make_video(tmp_path / "full.avi", 10, fourcc="MJPG").read_bytes()
     (inputs / "clip.avi").write_bytes(full[:len(full) // 2])  # a copy cut short
-    args = ("--model-restore", checkpoints("pascal"), "--device", "cpu", "--input-dir", inputs,
+    args = (*small_model, "--device", "cpu", "--input-dir", inputs,
             "--output-dir", out, "--every", "3")
     dead = 2 ** 22 + 1  # above Linux's largest pid: temporaries of a process of this host that is gone
     host = host_tag()
@@ -120,7 +120,7 @@ def test_truncated_video_parses_what_decodes_then_resumes(checkpoints, run_cli, 
     assert len(frames) == 4 and fps == pytest.approx(10 / 3, rel=1e-3)
 
 
-def test_unreadable_video_fails_alone(checkpoints, run_cli, tmp_path):
+def test_unreadable_video_fails_alone(small_model, run_cli, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / "empty.mp4").write_bytes(b"")
@@ -128,7 +128,7 @@ def test_unreadable_video_fails_alone(checkpoints, run_cli, tmp_path):
     code, stdout, _ = run_cli("--input-dir", inputs, "--output-dir", tmp_path / "out", "--dry-run")
     assert code == 0 and [line.split("\t")[:2] for line in stdout.splitlines()] == [
         ["process", str(inputs / "empty.mp4")], ["process", str(inputs / "junk.webm")]]
-    code, _, err = run_cli("--model-restore", checkpoints("pascal"), "--device", "cpu", "--input-dir", inputs,
+    code, _, err = run_cli(*small_model, "--device", "cpu", "--input-dir", inputs,
                            "--output-dir", tmp_path / "out")
     assert code == 1
     assert f"error: {inputs / 'empty.mp4'}: empty file (0 bytes)" in err
