@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from schp.data.catalog import DATASETS  # noqa: E402  (no torch: --help stays fast)
 
 PROBE = """
 import json, sys, time
@@ -48,13 +50,15 @@ print(json.dumps({{"imports_and_read": t1 - t0, "build": t2 - t1, "sympy_importe
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--dataset", default="pascal", choices=["pascal", "lip", "atr"])
+    p.add_argument("--dataset", default="pascal", choices=["pascal", "lip", "atr"])  # the synthetic maker's
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     sys.path.insert(0, str(ROOT / "tests" / "data"))
     from synth_checkpoint import save_checkpoint, synthetic_checkpoint  # the released container format
 
-    classes = {"pascal": 7, "lip": 20, "atr": 18}[a.dataset]
+    import torch
+
+    classes = DATASETS[a.dataset].num_classes
     with tempfile.TemporaryDirectory(prefix="schp-build-") as folder:
         checkpoint = Path(folder) / "synth.pth"
         save_checkpoint(synthetic_checkpoint(a.dataset, 0), checkpoint, legacy=False)
@@ -67,7 +71,6 @@ def main():
                                     logits=str(logits))
                 done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
                 row[method] = json.loads(done.stdout.strip().splitlines()[-1])
-            import torch
             row["bit_identical"] = bool(torch.equal(torch.load(Path(folder) / "to_empty.pt"),
                                                     torch.load(Path(folder) / "folded_ce2p.pt")))
             rounds.append(row)
@@ -76,7 +79,7 @@ def main():
                   f"{row['folded_ce2p']['sympy_imported']}), outputs bit-identical {row['bit_identical']}", flush=True)
     medians = {m: statistics.median(r[m]["build"] for r in rounds) for m in ("to_empty", "folded_ce2p")}
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                         f"torch {__import__('torch').__version__}",
+                         f"torch {torch.__version__}",
               "dataset": a.dataset, "rounds": rounds, "median_build_seconds": medians,
               "ratio_folded_ce2p_to_to_empty": medians["folded_ce2p"] / medians["to_empty"],
               "all_bit_identical": all(r["bit_identical"] for r in rounds)}

@@ -63,11 +63,6 @@ class ExportGraph(nn.Module):
         return out.parsing.float(), out.fusion.float(), out.edge.float()
 
 
-def folded_network(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
-    """The network of `spec` with `state_dict` loaded and InPlace-ABN folded, fp32, CPU, eval."""
-    return folded_ce2p(spec.num_classes, state_dict)
-
-
 def check_options(fmt: str, precision: str, outputs: str, opset: int) -> None:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
@@ -243,7 +238,7 @@ def export(spec: DatasetSpec, state_dict: Dict[str, torch.Tensor], path: Path, f
         require("onnxruntime" if verify_file else "onnx")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    network = folded_network(spec, state_dict)
+    network = folded_ce2p(spec.num_classes, state_dict)
     example = sample_crop(spec)
     if dynamic_batch:  # a batch of 2 so the exporter cannot specialise the batch dimension to 1
         example = example.repeat(2, 1, 1, 1)

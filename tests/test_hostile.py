@@ -298,8 +298,8 @@ def test_a_killed_decoding_worker_loses_only_its_input(tmp_path, small_model):
     os.mkfifo(hang)
     out = tmp_path / "out"
     proc = subprocess.Popen(EXTRACTOR + small_model + ["--input-dir", str(photos), "--output-dir", str(out),
-                                                       "--num-workers", "2",
-                                         "--device", "cpu", "--quiet"], stderr=subprocess.PIPE, text=True,
+                                                       "--num-workers", "2", "--device", "cpu", "--quiet"],
+                            stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, SCHP_BACKEND="torch"))
     writer = None
     try:
@@ -338,7 +338,7 @@ def test_undecodable_and_oversized_videos_leave_no_folder_and_no_opencv_warning(
     writer.release()
     out = tmp_path / "out"
     done = subprocess.run(EXTRACTOR + small_model + ["--input-dir", str(photos), "--output-dir", str(out), "--quiet",
-                                       "--max-pixels", "1000"], capture_output=True, text=True, timeout=120,
+                                                     "--max-pixels", "1000"], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, SCHP_BACKEND="torch"))
     assert done.returncode == 1, done.stderr
     assert "WARN" not in done.stderr and "VIDEOIO" not in done.stderr, done.stderr

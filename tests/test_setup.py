@@ -56,7 +56,7 @@ def test_usage_errors_answer_in_one_line_before_torch_is_imported(argv, message,
 def test_a_torch_run_builds_the_network_without_importing_sympy(small_model, tmp_path):
     """The network is built on the meta device and handed copies of the weights: no random init, and
     none of the symbolic-shape machinery (sympy) that `to_empty` on meta tensors imports, which cost
-    every command about 0.6 s of start-up (exports import it, as they must)."""
+    every command about 0.5 s of start-up (exports import it, as they must)."""
     inputs = one_image(tmp_path / "in")
     result = run_command("extract", *small_model, "--backend", "torch", "--device", "cpu", "--input-dir", inputs,
                          "--output-dir", tmp_path / "out", "--quiet", timeout=300)

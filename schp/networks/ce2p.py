@@ -411,7 +411,7 @@ def folded_ce2p(num_classes: int, state_dict: Mapping[str, torch.Tensor]) -> CE2
 
     Built on the meta device and given copies of the weights (folding scales them in place; the
     caller's tensors stay as they were): no random initialisation of 66.8 M values, and no
-    `to_empty`, whose meta-tensor path imports sympy (about 0.6 s of every command's start-up).
+    `to_empty`, whose meta-tensor path imports sympy (about 0.5 s of every command's start-up).
     """
     with torch.device("meta"):
         model = build_ce2p(num_classes)
