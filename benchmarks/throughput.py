@@ -522,6 +522,8 @@ def run_cli(label, cli_args, dataset, checkpoint, input_dir, out_dir, cache_dir,
         "peak_tree_pss_mib": pss_peak / 1024 or None, "cli_output": output.strip(),
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "other_load_cores": other_load(snap, wall, usage.ru_utime + usage.ru_stime),
+        # this script's own polling of the output folder and memory sampling, beside the run
+        "monitor_load_cores": (cpu_snapshot()[1] - snap[1]) / wall if wall > 0 else 0.0,
     }
     if record["per_image"] is None:  # fewer images than a batch: no steady state to speak of
         record["per_image"] = record["per_image_naive"]
@@ -764,7 +766,8 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
             print(f"  round {attempt + 1}, {text}: {rec['per_image']:.3f} s/image steady"
                   + (f" (the forward stage {forward:.3f})" if forward else "") + ", conv rate "
                   f"{rate_before:.0f} / {rate_after:.0f} GFLOP/s before / after: {rec['x_limit_at_the_time']:.2f} x "
-                  f"the limit at the time (other load {rec['other_load_cores']:.2f} cores)", flush=True)
+                  f"the limit at the time (other load {rec['other_load_cores']:.2f} cores; this script's polling "
+                  f"{rec['monitor_load_cores']:.3f})", flush=True)
             runs[text].append(rec)
             conv[precision]["best_gflops"] = max(conv[precision]["best_gflops"], rate_before, rate_after)
             limit[precision] = graph_gflop / conv[precision]["best_gflops"]  # the study's best rate so far
