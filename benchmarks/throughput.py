@@ -387,6 +387,52 @@ def network_by_backend(image_path, checkpoint, dataset, cache_dir, rounds):
     return results, load
 
 
+def network_alone(image_path, checkpoint, dataset, cache_dir, configs, rounds):
+    """Seconds per forward of the network alone, as a run's forward stage calls it (one normalised 512 x 512
+    crop -> crop-space logits, HumanParser.logits_normalized: the runtime, upsampling included) for each
+    (backend, precision) in `configs`, interleaved round by round, with the lone 3x3 512 -> 512
+    convolution timed in each round in both precisions (the limit under the same load). Returns
+    ({"backend precision": {"times", "median_seconds", "best_seconds"}}, best conv GFLOP/s per precision
+    within the rounds, other load)."""
+    sys.path.insert(0, str(ROOT))
+    from schp.data.catalog import DATASETS
+    from schp.data.crop import prepare_image
+    from schp.data.decode import read_image
+    from schp.backends import BackendError
+    from schp.checkpoint import read_state_dict
+    from schp.inference import HumanParser
+
+    os.environ["SCHP_CACHE_DIR"] = str(cache_dir)  # the export of the end-to-end runs, already made
+    spec, state = DATASETS[dataset], read_state_dict(checkpoint)
+    crop = torch.from_numpy(prepare_image(0, read_image(image_path), spec.input_size).image[None])
+    parsers, results = {}, {}
+    for backend, precision in configs:
+        try:
+            parsers[f"{backend} {precision}"] = HumanParser(spec, state, torch.device("cpu"), precision,
+                                                            backend=backend)
+        except BackendError as err:
+            print(f"  {backend} {precision}: not measured ({err})", flush=True)
+    x = next(iter(parsers.values())).normalize(crop)
+    for parser in parsers.values():  # warm-up: first calls allocate
+        parser.logits_normalized(x)
+    results = {name: {"times": []} for name in parsers}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rates = {p: [] for p in sorted({name.split()[1] for name in parsers})}
+    snap, start = cpu_snapshot(), time.perf_counter()
+    for r in range(rounds):
+        names = list(parsers)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            parsers[name].logits_normalized(x)
+            results[name]["times"].append(time.perf_counter() - t0)
+        for p in rates:
+            rates[p].append(conv_rate_512(dtypes[p], seconds=0.3)["best_gflops"])
+    load = other_load(snap, time.perf_counter() - start)
+    for rec in results.values():
+        rec["median_seconds"], rec["best_seconds"] = statistics.median(rec["times"]), min(rec["times"])
+    return results, {p: max(v) for p, v in rates.items()}, load
+
+
 # ----------------------------------------------------------------------------- CLI runs
 def parse_config(text):
     """Config string -> (CLI args, precision, batch size, backend); a leading bare precision means --precision."""
@@ -795,6 +841,17 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
               f"({conv[p]['best_gflops_after']:.0f} after) -> limit {limit[p]:.3f} s per image", flush=True)
     fp32_ref = next((r for r in records.values() if r["precision"] == "fp32" and r["backend"] == "torch"),
                     next(r for r in records.values() if r["precision"] == "fp32"))
+    # the network alone, as the forward stage calls it, against the same limit: how much of the end-to-end
+    # time is the network's own, and how much the host work that shares the cores with it adds
+    alone_configs = [(parse_config(t)[3], parse_config(t)[1]) for t in configs if parse_config(t)[3] != "auto"]
+    alone_configs = list(dict.fromkeys(alone_configs))
+    wait_idle(a.wait_idle, "the network alone")
+    alone, alone_rates, alone_load = network_alone(images[0], checkpoint, a.dataset, cache, alone_configs,
+                                                   a.network_rounds_limits)
+    for p, rate in alone_rates.items():
+        if rate > conv[p]["best_gflops"]:
+            conv[p]["best_gflops"] = rate
+            limit[p] = graph_gflop / rate
     host = host_path_costs(images[0], checkpoint, a.dataset, work / "host")
     print("\n" + "=" * 100)
     m = machine_info()
@@ -821,6 +878,13 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
                      f"{100 * agreement(fp32_ref['out_dir'], r['out_dir'], names):.4f}%",
                      f"{r['other_load_cores']:.2f}"])
     print_table(headers, rows)
+    print(f"\nthe network alone (one 512 x 512 crop as the forward stage runs it, upsampling included; "
+          f"{a.network_rounds_limits} rounds, the configurations interleaved; other load {alone_load:.2f} cores):")
+    for name, rec in alone.items():
+        p = name.split()[1]
+        print(f"  {name:18s} median {rec['median_seconds']:.3f} s (best {rec['best_seconds']:.3f}) = "
+              f"{rec['median_seconds'] / limit[p]:.2f} x the limit (best {rec['best_seconds'] / limit[p]:.2f}), "
+              f"{rec['median_seconds'] / released_limit[p]:.2f} x the released network's")
     print("\nhost path per 1024x1024 image, ms of one core (best of 5):")
     for name, value in host.items():
         print(f"  {name:28s} {value:10.1f}" + (" bytes" if "bytes" in name else " ms"))
@@ -833,6 +897,7 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
     return {"native_bf16": native_bf16(), "conv_512_64": conv, "conv_other_load_cores": conv_load, "limit_seconds": limit, "graph_gflop": graph_gflop,
             "released_gflop": released_gflop, "released_limit_seconds": released_limit,
             "auto": auto, "host_ms": host, "host_total_ms": total,
+            "network_alone": alone | {"conv_gflops_in_rounds": alone_rates, "other_load_cores": alone_load},
             "configs": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items() if k not in ("output_times",)}
                         | {"label": t, "x_limit": r["per_image"] / limit[r["precision"]],
                            "x_released_limit": r["per_image"] / released_limit[r["precision"]],
@@ -887,6 +952,8 @@ def main():
                     help="only the limits study: conv limit in fp32 and bf16, end to end against it, the auto "
                          "choice, the host path per image, bf16 agreement")
     ap.add_argument("--limit-configs", nargs="+", metavar="ARGS", default=LIMIT_CONFIGS)
+    ap.add_argument("--network-rounds-limits", type=int, default=10,
+                    help="rounds of the limits study's network-alone timing (each configuration once per round)")
     ap.add_argument("--limit-repeats", type=int, default=3,
                     help="rounds of the limits configurations, each once per round (best kept)")
     a = ap.parse_args()
