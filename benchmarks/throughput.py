@@ -51,7 +51,8 @@ Rerun (from the repository root; takes several minutes on 2 cores with the defau
 Two studies run on their own (docs/performance.md):
 
     python benchmarks/throughput.py --first-map --out first_map.json   # time to first map, auto vs torch
-    python benchmarks/throughput.py --limits --images 24 --out limits.json  # fp32/bf16 against the conv limit
+    python benchmarks/throughput.py --limits --images 24 --out limits.json  # fp32/bf16 against the conv limit,
+                                                                             # end to end and the network alone
 
 A config string is passed to the CLI as-is (shell-split); a leading bare fp32/bf16/fp16 is short for
 ``--precision fp32`` etc. Exit status: 0 if every run succeeded, 1 if any failed, 2 on a setup error.
