@@ -87,6 +87,7 @@ SYNTH = ROOT / "tests" / "data" / "synth_checkpoint.py"
 ORIGINAL = ROOT / "tests" / "original_pipeline.py"
 
 NUM_CLASSES = {"pascal": 7, "lip": 20, "atr": 18}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the precisions' torch types (conv rates)
 DEFAULT_CONFIGS = ["fp32 --batch-size 1 --num-workers 1 --backend torch",
                    "fp32 --batch-size 1 --num-workers 1 --backend onnxruntime",
                    "fp32 --batch-size 1 --num-workers 1 --backend openvino",
@@ -340,61 +341,13 @@ def run_baseline(images, checkpoint, dataset, out_dir):
 
 
 # ----------------------------------------------------------------------------- backends, network only
-def network_by_backend(image_path, checkpoint, dataset, cache_dir, rounds):
-    """Seconds per forward of the network alone (normalised crop -> crop-space logits, batch 1) for each
-    installed backend, the backends interleaved round by round so that load from other processes
-    spreads over all of them; and each backend's label agreement with torch on that crop."""
-    sys.path.insert(0, str(ROOT))
-    from schp.data.catalog import DATASETS
-    from schp.data.crop import prepare_image
-    from schp.data.decode import read_image
-    from schp.backends import BACKENDS, BackendError
-    from schp.checkpoint import read_state_dict
-    from schp.inference import HumanParser
-
-    os.environ["SCHP_CACHE_DIR"] = str(cache_dir)  # the exports go to this run's cache
-    spec, state = DATASETS[dataset], read_state_dict(checkpoint)
-    crop = torch.from_numpy(prepare_image(0, read_image(image_path), spec.input_size).image[None])
-    parsers, results = {}, {}
-    for backend in BACKENDS:
-        t0 = time.perf_counter()
-        try:
-            parsers[backend] = HumanParser(spec, state, torch.device("cpu"), backend=backend)
-        except BackendError as err:
-            print(f"  {backend}: not measured ({err})", flush=True)
-            continue
-        results[backend] = {"setup_seconds": time.perf_counter() - t0, "times": []}
-    x = parsers["torch"].normalize(crop)
-    logits = {b: p.logits_normalized(x) for b, p in parsers.items()}  # warm-up, and the maps compared
-    snap, start = cpu_snapshot(), time.perf_counter()
-    conv_gflops = []  # the lone 3x3 convolution, timed within the same rounds: the limit under the same load
-    for r in range(rounds):
-        order = list(parsers)[r % len(parsers):] + list(parsers)[:r % len(parsers)]
-        for backend in order:
-            t0 = time.perf_counter()
-            parsers[backend].logits_normalized(x)
-            results[backend]["times"].append(time.perf_counter() - t0)
-        conv_gflops.append(conv_rate(seconds=0.3)["best_gflops"])
-    load = other_load(snap, time.perf_counter() - start)
-    results["conv3x3_fp32_best_gflops_in_rounds"] = max(conv_gflops)
-    reference = logits["torch"]
-    for backend, rec in results.items():
-        if not isinstance(rec, dict):
-            continue
-        rec["median_seconds"] = statistics.median(rec["times"])
-        rec["best_seconds"] = min(rec["times"])
-        rec["agreement_vs_torch"] = float((logits[backend].argmax(1) == reference.argmax(1)).double().mean())
-        rec["logits_max_relative_error"] = float((logits[backend] - reference).abs().max() / reference.abs().max())
-    return results, load
-
-
-def network_alone(image_path, checkpoint, dataset, cache_dir, configs, rounds):
-    """Seconds per forward of the network alone, as a run's forward stage calls it (one normalised 512 x 512
-    crop -> crop-space logits, HumanParser.logits_normalized: the runtime, upsampling included) for each
-    (backend, precision) in `configs`, interleaved round by round, with the lone 3x3 512 -> 512
-    convolution timed in each round in both precisions (the limit under the same load). Returns
-    ({"backend precision": {"times", "median_seconds", "best_seconds"}}, best conv GFLOP/s per precision
-    within the rounds, other load)."""
+def time_networks(image_path, checkpoint, dataset, cache_dir, configs, rounds, between_rounds):
+    """The network alone as a run's forward stage calls it (one normalised crop of `image_path` -> crop-space
+    logits, HumanParser.logits_normalized: the runtime and the upsampling), for each `configs` entry
+    {name: (backend, precision)} that can run here, interleaved round by round (the first one rotating) so
+    that load from other processes spreads over all of them; `between_rounds()` runs after each round
+    (the lone convolution's rate, under the same load). Returns ({name: {"setup_seconds", "times",
+    "median_seconds", "best_seconds"}}, {name: the warm-up pass's logits}, other load)."""
     sys.path.insert(0, str(ROOT))
     from schp.data.catalog import DATASETS
     from schp.data.crop import prepare_image
@@ -403,34 +356,63 @@ def network_alone(image_path, checkpoint, dataset, cache_dir, configs, rounds):
     from schp.checkpoint import read_state_dict
     from schp.inference import HumanParser
 
-    os.environ["SCHP_CACHE_DIR"] = str(cache_dir)  # the export of the end-to-end runs, already made
+    os.environ["SCHP_CACHE_DIR"] = str(cache_dir)  # exports go to (or come from) this run's cache
     spec, state = DATASETS[dataset], read_state_dict(checkpoint)
     crop = torch.from_numpy(prepare_image(0, read_image(image_path), spec.input_size).image[None])
     parsers, results = {}, {}
-    for backend, precision in configs:
+    for name, (backend, precision) in configs.items():
+        t0 = time.perf_counter()
         try:
-            parsers[f"{backend} {precision}"] = HumanParser(spec, state, torch.device("cpu"), precision,
-                                                            backend=backend)
+            parsers[name] = HumanParser(spec, state, torch.device("cpu"), precision, backend=backend)
         except BackendError as err:
-            print(f"  {backend} {precision}: not measured ({err})", flush=True)
+            print(f"  {name}: not measured ({err})", flush=True)
+            continue
+        results[name] = {"setup_seconds": time.perf_counter() - t0, "times": []}
     x = next(iter(parsers.values())).normalize(crop)
-    for parser in parsers.values():  # warm-up: first calls allocate
-        parser.logits_normalized(x)
-    results = {name: {"times": []} for name in parsers}
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    rates = {p: [] for p in sorted({name.split()[1] for name in parsers})}
+    logits = {name: parser.logits_normalized(x) for name, parser in parsers.items()}  # warm-up: first calls allocate
     snap, start = cpu_snapshot(), time.perf_counter()
+    names = list(parsers)
     for r in range(rounds):
-        names = list(parsers)
         for name in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
             parsers[name].logits_normalized(x)
             results[name]["times"].append(time.perf_counter() - t0)
-        for p in rates:
-            rates[p].append(conv_rate_512(dtypes[p], seconds=0.3)["best_gflops"])
+        between_rounds()
     load = other_load(snap, time.perf_counter() - start)
     for rec in results.values():
         rec["median_seconds"], rec["best_seconds"] = statistics.median(rec["times"]), min(rec["times"])
+    return results, logits, load
+
+
+def network_by_backend(image_path, checkpoint, dataset, cache_dir, rounds):
+    """Seconds per forward of the network alone (batch 1, fp32) for each installed backend (time_networks),
+    and each backend's label agreement and logits error against torch on that crop."""
+    from schp.backends import BACKENDS
+
+    conv_gflops = []  # the lone 3x3 convolution, timed within the same rounds: the limit under the same load
+    results, logits, load = time_networks(image_path, checkpoint, dataset, cache_dir,
+                                          {b: (b, "fp32") for b in BACKENDS}, rounds,
+                                          lambda: conv_gflops.append(conv_rate(seconds=0.3)["best_gflops"]))
+    reference = logits["torch"]
+    for backend, rec in results.items():
+        rec["agreement_vs_torch"] = float((logits[backend].argmax(1) == reference.argmax(1)).double().mean())
+        rec["logits_max_relative_error"] = float((logits[backend] - reference).abs().max() / reference.abs().max())
+    results["conv3x3_fp32_best_gflops_in_rounds"] = max(conv_gflops)
+    return results, load
+
+
+def network_alone(image_path, checkpoint, dataset, cache_dir, configs, rounds):
+    """The limits study's network-alone timing (time_networks) of each (backend, precision) in `configs`,
+    named "backend precision", with the lone 3x3 512 -> 512 convolution timed in each round in each of
+    their precisions. Returns (timings by name, best conv GFLOP/s per precision within the rounds, other load)."""
+    rates = {p: [] for p in sorted({p for _, p in configs})}
+
+    def time_rates():
+        for p in rates:
+            rates[p].append(conv_rate_512(DTYPES[p], seconds=0.3)["best_gflops"])
+
+    results, _, load = time_networks(image_path, checkpoint, dataset, cache_dir,
+                                     {f"{b} {p}": (b, p) for b, p in configs}, rounds, time_rates)
     return results, {p: max(v) for p, v in rates.items()}, load
 
 
@@ -777,9 +759,13 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
     released_gflop, graph_gflop = network_gflop(a.dataset)
     wait_idle(a.wait_idle, "the convolution rates")
     snap, t0 = cpu_snapshot(), time.perf_counter()
-    conv = {"fp32": conv_rate_512(torch.float32), "bf16": conv_rate_512(torch.bfloat16)}
+    conv = {p: conv_rate_512(dtype) for p, dtype in DTYPES.items()}
     conv_load = other_load(snap, time.perf_counter() - t0)
-    limit = {p: graph_gflop / conv[p]["best_gflops"] for p in conv}
+
+    def limits():  # this graph's seconds per image at the study's best rate so far
+        return {p: graph_gflop / conv[p]["best_gflops"] for p in conv}
+
+    limit = limits()
     for p in conv:
         print(f"lone 3x3 512->512 64x64 channels-last conv, {p}: best {conv[p]['best_gflops']:.0f} GFLOP/s "
               f"(median {conv[p]['median_gflops']:.0f}) -> limit {graph_gflop:.1f} GFLOP / rate = "
@@ -797,7 +783,6 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
             1, 1, a.timeout)
     records = {}
     runs = {text: [] for text in configs}
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     # in rounds, every configuration once per round: a slow spell of a shared machine (this VM's speed
     # drifted by 40% within minutes, with no other process and no steal time to show for it) then falls on
     # all of them, not on the repeats of one. Each run also gets the conv rate timed just before and just
@@ -806,12 +791,12 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
         for index, text in enumerate(configs):
             args, precision, batch, backend = parse_config(text)
             wait_idle(a.wait_idle, text)
-            rate_before = conv_rate_512(dtypes[precision], seconds=2.0)["best_gflops"]
+            rate_before = conv_rate_512(DTYPES[precision], seconds=2.0)["best_gflops"]
             out = work / f"out-limits-{index}-{attempt}"
             summary = work / f"limits-{index}-{attempt}.json"
             rec = run_cli(text, args + ["--summary", str(summary)], a.dataset, checkpoint, images_dir, out, cache,
                           logs, len(images), batch, a.timeout, sample_pss=False)
-            rate_after = conv_rate_512(dtypes[precision], seconds=2.0)["best_gflops"]
+            rate_after = conv_rate_512(DTYPES[precision], seconds=2.0)["best_gflops"]
             rec.update(out_dir=out, precision=precision, backend=backend, conv_gflops_around=[rate_before, rate_after])
             read_ran(rec, summary)
             rec["x_limit_at_the_time"] = rec["per_image"] * max(rate_before, rate_after) / graph_gflop
@@ -823,7 +808,6 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
                   f"{rec['monitor_load_cores']:.3f})", flush=True)
             runs[text].append(rec)
             conv[precision]["best_gflops"] = max(conv[precision]["best_gflops"], rate_before, rate_after)
-            limit[precision] = graph_gflop / conv[precision]["best_gflops"]  # the study's best rate so far
     for text, recs in runs.items():
         records[text] = min(recs, key=lambda r: r["per_image"])
         records[text]["per_image_runs"] = [r["per_image"] for r in recs]
@@ -832,11 +816,10 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
     # the rates again after the runs: the limit is the best the cores gave in this run (load from other
     # processes only lowers a rate, and it may have come or gone meanwhile)
     wait_idle(a.wait_idle, "the convolution rates, again")
-    for p, again in (("fp32", conv_rate_512(torch.float32)), ("bf16", conv_rate_512(torch.bfloat16))):
-        conv[p]["best_gflops_after"] = again["best_gflops"]
-        if again["best_gflops"] > conv[p]["best_gflops"]:
-            conv[p]["best_gflops"] = again["best_gflops"]
-            limit[p] = graph_gflop / again["best_gflops"]
+    for p, dtype in DTYPES.items():
+        conv[p]["best_gflops_after"] = conv_rate_512(dtype)["best_gflops"]
+        conv[p]["best_gflops"] = max(conv[p]["best_gflops"], conv[p]["best_gflops_after"])
+    limit = limits()
     for p in conv:
         print(f"conv rate {p}, before / after the runs: {conv[p]['best_gflops']:.0f} best of both "
               f"({conv[p]['best_gflops_after']:.0f} after) -> limit {limit[p]:.3f} s per image", flush=True)
@@ -844,15 +827,14 @@ def limits_study(a, work, checkpoint, images_dir, images, names):
                     next(r for r in records.values() if r["precision"] == "fp32"))
     # the network alone, as the forward stage calls it, against the same limit: how much of the end-to-end
     # time is the network's own, and how much the host work that shares the cores with it adds
-    alone_configs = [(parse_config(t)[3], parse_config(t)[1]) for t in configs if parse_config(t)[3] != "auto"]
-    alone_configs = list(dict.fromkeys(alone_configs))
+    alone_configs = list(dict.fromkeys((backend, precision) for _, precision, _, backend in map(parse_config, configs)
+                                       if backend != "auto"))
     wait_idle(a.wait_idle, "the network alone")
     alone, alone_rates, alone_load = network_alone(images[0], checkpoint, a.dataset, cache, alone_configs,
                                                    a.network_rounds_limits)
     for p, rate in alone_rates.items():
-        if rate > conv[p]["best_gflops"]:
-            conv[p]["best_gflops"] = rate
-            limit[p] = graph_gflop / rate
+        conv[p]["best_gflops"] = max(conv[p]["best_gflops"], rate)
+    limit = limits()
     host = host_path_costs(images[0], checkpoint, a.dataset, work / "host")
     print("\n" + "=" * 100)
     m = machine_info()
